@@ -1,0 +1,64 @@
+"""Checks a saved head folder before PEFT changes the model, so a bad file never leaves a half-loaded head."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import BackAttnConfig
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+_MODEL_PREFIX = "base_model.model."
+
+
+def expected_head_shapes(config: BackAttnConfig) -> dict[str, tuple[int, ...]]:
+    """The exact tensors a saved head holds: key (without the PeftModel prefix) -> shape."""
+    heads, r, width = config.num_heads, config.r, config.base_embedding_dim
+    stem = f"{config.head_module}.backattn_heads."
+    shapes = {
+        stem + "norm_scale": (width,),
+        stem + "value_proj": (heads, width, r),
+        stem + "key_proj": (heads, width, r),
+        stem + "query_proj": (heads, r, r),
+    }
+    if heads > 1:
+        shapes[stem + "gate"] = (heads, r)
+    return shapes
+
+
+def validate_head_folder(folder: str, config: BackAttnConfig) -> None:
+    """Raise a one-line ValueError unless `folder` holds an intact safetensors head matching `config`."""
+    weights = os.path.join(folder, WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        if os.path.isfile(os.path.join(folder, PICKLE_WEIGHTS_NAME)):
+            raise ValueError(
+                f"{folder} holds {PICKLE_WEIGHTS_NAME}, but backattn heads load from safetensors only; "
+                "re-save the head with save_pretrained() (safe_serialization=True, the default)."
+            )
+        raise ValueError(f"No {WEIGHTS_NAME} in {folder}; a backattn head folder holds it beside adapter_config.json.")
+    if config.base_embedding_dim is None or config.head_module is None:
+        raise ValueError(f"{folder}/adapter_config.json lacks the base shapes recorded when the head was attached.")
+    expected = expected_head_shapes(config)
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            tensors = {key.removeprefix(_MODEL_PREFIX): handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise ValueError(f"{weights} is truncated or corrupted ({error}); nothing was loaded.") from None
+    found = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
+    if set(found) != set(expected):
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        raise ValueError(
+            f"{weights} does not hold the head its config describes (missing {missing}, unexpected {extra}); "
+            "nothing was loaded."
+        )
+    for key, shape in expected.items():
+        if found[key] != shape:
+            raise ValueError(
+                f"{weights}: {key} has shape {found[key]}, but the config describes {shape}; nothing was loaded."
+            )
+        if not torch.isfinite(tensors[key]).all():
+            raise ValueError(f"{weights}: {key} holds NaN or infinite values; nothing was loaded.")

@@ -1,0 +1,191 @@
+"""`BackAttnConfig`: the settings of one backward-attention head, saved as `adapter_config.json`."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from peft.config import PeftConfig
+from peft.utils import TaskType
+
+LOGIT_WEIGHTINGS = ("raw", "softmax")
+COMBINE_MODES = ("replace", "residual")
+QUERY_ACTIVATIONS = ("gelu", "silu", "tanh", "relu")
+
+
+@dataclass
+class BackAttnConfig(PeftConfig):
+    """Configuration of a backward-attention output head (see docs/design.md for the equations).
+
+    The head wraps the model's output layer (`get_output_embeddings()`), reads the frozen base logits and the
+    RMS-normalised input-embedding matrix, and returns refined logits. Every field below is saved with the head.
+    """
+
+    r: int = field(
+        default=64,
+        metadata={"help": "Latent size of the keys, values and queries (the r of W_K, W_V: d x r, and W_Q: r x r)."},
+    )
+    scaling: Optional[float] = field(
+        default=None,
+        metadata={"help": "Factor applied to the attention scores Q K^T. None means 1 / sqrt(r), as in attention."},
+    )
+    rms_norm_eps: float = field(
+        default=1e-6,
+        metadata={"help": "Epsilon of the row-wise RMSNorm applied to the input-embedding matrix."},
+    )
+    logit_weighting: Literal["raw", "softmax"] = field(
+        default="softmax",
+        metadata={
+            "help": (
+                "How the base logits weight the value vectors. 'raw': the logits themselves, divided by the "
+                "vocabulary size (the original design; the head is then linear in the hidden state). 'softmax': "
+                "the base model's next-token probabilities."
+            )
+        },
+    )
+    combine: Literal["replace", "residual"] = field(
+        default="residual",
+        metadata={
+            "help": (
+                "'residual': output logits = base logits + head scores, with W_Q zero-initialised so that an "
+                "untrained head reproduces the base logits exactly. 'replace': the head's scores are the output "
+                "(the original design; starts from a near-uniform distribution)."
+            )
+        },
+    )
+    num_heads: int = field(
+        default=1,
+        metadata={
+            "help": (
+                "Number of backward-attention heads. With more than one, the output distribution is a mixture of "
+                "the heads' softmaxes, weighted by a softmax over heads computed from each head's query."
+            )
+        },
+    )
+    query_activation: Optional[Literal["gelu", "silu", "tanh", "relu"]] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Optional non-linearity on the query path, Q = act(dot W_Q). None keeps the head linear, which "
+                "enables the collapsed fast path and merge_and_unload() in 'raw' mode."
+            )
+        },
+    )
+    init_weights: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "True: W_Q starts at zero where combine='residual' (identity start, like LoRA's B = 0). False: every "
+                "matrix starts random, so that an untrained head changes the output (useful in tests)."
+            )
+        },
+    )
+    chunk_size: int = field(
+        default=512,
+        metadata={
+            "help": (
+                "Number of token positions processed at once. Bounds the memory of the vocabulary-sized "
+                "intermediates (base probabilities, per-head scores) to chunk_size x vocab_size per tensor."
+            )
+        },
+    )
+    head_module: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": (
+                "Name of the output module to wrap, e.g. 'lm_head'. None: the module returned by "
+                "model.get_output_embeddings(). Filled in when the head is attached."
+            )
+        },
+    )
+    target_modules: Optional[list[str]] = field(
+        default=None,
+        metadata={"help": "Unused; kept None. The head wraps `head_module`. Present for PEFT's generic code paths."},
+    )
+    base_vocab_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Vocabulary size of the base the head was built for. Recorded on attach, checked on load."},
+    )
+    base_hidden_size: Optional[int] = field(
+        default=None,
+        metadata={"help": "Input width of the wrapped output layer. Recorded on attach, checked on load."},
+    )
+    base_embedding_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "Width of the input-embedding matrix. Recorded on attach, checked on load."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        # Imported here: registration imports this module.
+        from ._registration import _add_peft_type_member
+
+        self.peft_type = _add_peft_type_member()
+        if self.task_type is None:
+            self.task_type = TaskType.CAUSAL_LM
+        self._validate()
+
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs
+    ) -> BackAttnConfig:
+        """Load the config and, for a local folder, check its weights file first.
+
+        PEFT reads the config before it attaches a new head, so checking the weights here means that a
+        truncated, corrupted or mismatched file is refused before the model changes.
+        """
+        from ._files import validate_head_folder
+
+        config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+        folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
+        if os.path.isdir(folder):
+            validate_head_folder(folder, config)
+        return config
+
+    @property
+    def is_linear(self) -> bool:
+        """True when the head's scores are an affine function of the hidden state (mergeable, collapsible)."""
+        return self.logit_weighting == "raw" and self.query_activation is None and self.num_heads == 1
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor applied to Q K^T."""
+        return self.scaling if self.scaling is not None else self.r**-0.5
+
+    def _validate(self) -> None:
+        def positive_int(name: str) -> None:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"BackAttnConfig.{name} must be a positive integer, got {value!r}.")
+
+        def one_of(name: str, choices: tuple, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if value not in choices:
+                allowed = ", ".join(repr(c) for c in choices) + (" or None" if allow_none else "")
+                raise ValueError(f"BackAttnConfig.{name} must be one of {allowed}, got {value!r}.")
+
+        positive_int("r")
+        positive_int("num_heads")
+        positive_int("chunk_size")
+        one_of("logit_weighting", LOGIT_WEIGHTINGS)
+        one_of("combine", COMBINE_MODES)
+        one_of("query_activation", QUERY_ACTIVATIONS, allow_none=True)
+        if self.scaling is not None and not (isinstance(self.scaling, (int, float)) and self.scaling > 0):
+            raise ValueError(f"BackAttnConfig.scaling must be a positive number or None, got {self.scaling!r}.")
+        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
+            raise ValueError(f"BackAttnConfig.rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}.")
+        if not isinstance(self.init_weights, bool):
+            raise ValueError(f"BackAttnConfig.init_weights must be True or False, got {self.init_weights!r}.")
+        if self.target_modules is not None:
+            raise ValueError(
+                "BackAttnConfig.target_modules must stay None: the head wraps one output module; "
+                "name it with head_module='lm_head' instead."
+            )
+        if self.head_module is not None and not (isinstance(self.head_module, str) and self.head_module):
+            raise ValueError(f"BackAttnConfig.head_module must be a module name or None, got {self.head_module!r}.")
+        for name in ("base_vocab_size", "base_hidden_size", "base_embedding_dim"):
+            if getattr(self, name) is not None:
+                positive_int(name)

@@ -1,0 +1,457 @@
+"""The backward-attention head: its math (`BackAttnHead`) and the PEFT layer around the output module.
+
+Notation (docs/design.md has the derivation and the cost of each mode). For one token position:
+
+    h     (d_in)      hidden state entering the output layer
+    z     (V)         base logits, z = h W_out^T + b
+    E     (V, d_e)    frozen input-embedding matrix; N = RMS-normalised rows of E; Ê = N diag(g)
+    K, V  (V, r)      K = Ê W_K, V = Ê W_V           (never materialised)
+    dot   (r)         dot = w V, with w = z / |V| ('raw') or softmax(z) ('softmax')
+    Q     (r)         Q = act(dot W_Q)
+    s     (V)         s = scale * Q K^T               (the head's scores)
+
+The cheap association used everywhere: w V = ((w N) ⊙ g) W_V and Q K^T = (((Q W_K^T) ⊙ g) N^T), so that the only
+vocabulary-sized products are with E itself. In 'raw' mode w N = h (W_out^T N) / |V| + b N / |V|, and W_out^T N is
+a frozen d_in x d_e matrix: the head then costs one vocabulary product per token, and with no activation it is an
+affine map of h that collapses to q̃ = h M + m0 (cached in evaluation) and merges into the output matrix.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, NamedTuple, Optional
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.utils.integrations import dequantize_module_weight
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .config import BackAttnConfig
+
+BASE_ADAPTER_NAME = "__base__"  # in `adapter_names`: run that sample through the base output layer alone
+
+_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "relu": F.relu}
+_ROWS_PER_VOCAB_CHUNK = 8192  # rows of E processed at once when precomputing frozen tensors
+
+
+class FrozenTensors(NamedTuple):
+    """What the head needs from the frozen base; depends only on base weights, so it is computed once."""
+
+    embedding: torch.Tensor  # E (V, d_e), the base's own tensor
+    inv_rms: torch.Tensor  # (V,) fp32, 1 / rms(E_v): N = diag(inv_rms) E
+    hidden_to_values: Optional[torch.Tensor]  # raw mode: W_out^T N / |V|, (d_in, d_e) fp32
+    bias_to_values: Optional[torch.Tensor]  # raw mode with an output bias: b N / |V|, (d_e,) fp32
+
+
+class _Reference:
+    """Holds a module without registering it as a child, so that its weights are never saved with the head."""
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+
+class BackAttnHead(nn.Module):
+    """One backward-attention head: its trainable weights and its math, step by step.
+
+    Parameters (H = num_heads): norm_scale g (d_e), value_proj W_V (H, d_e, r), key_proj W_K (H, d_e, r),
+    query_proj W_Q (H, r, r) and, for H > 1, gate (H, r), which scores each head's query for the mixture weights.
+    """
+
+    def __init__(self, config: BackAttnConfig, embedding_dim: int) -> None:
+        super().__init__()
+        self.config = config
+        heads, r = config.num_heads, config.r
+        self.norm_scale = nn.Parameter(torch.ones(embedding_dim))
+        self.value_proj = nn.Parameter(torch.empty(heads, embedding_dim, r))
+        self.key_proj = nn.Parameter(torch.empty(heads, embedding_dim, r))
+        self.query_proj = nn.Parameter(torch.empty(heads, r, r))
+        self.gate = nn.Parameter(torch.empty(heads, r)) if heads > 1 else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Small random W_K, W_V (and gate); W_Q zero where the residual combine allows an identity start."""
+        std = 0.02
+        nn.init.normal_(self.value_proj, std=std)
+        nn.init.normal_(self.key_proj, std=std)
+        if self.gate is not None:
+            nn.init.normal_(self.gate, std=std)
+        if self.config.init_weights and self.config.combine == "residual":
+            nn.init.zeros_(self.query_proj)
+        else:
+            nn.init.normal_(self.query_proj, std=std)
+
+    # -- the five steps, in the cheap association -------------------------------------------------------------
+
+    def weighted_embedding(
+        self, hidden: torch.Tensor, base_logits: Optional[torch.Tensor], frozen: FrozenTensors
+    ) -> torch.Tensor:
+        """w N for each row: the logit-weighted sum of normalised embeddings, (n, d_e), before g and W_V."""
+        dtype = self.norm_scale.dtype
+        if self.config.logit_weighting == "raw":
+            # z N / |V| = h (W_out^T N) / |V| + b N / |V|: no vocabulary-sized product at all.
+            mixed = hidden.to(dtype) @ frozen.hidden_to_values.to(dtype)  # (n, d_e)
+            if frozen.bias_to_values is not None:
+                mixed = mixed + frozen.bias_to_values.to(dtype)
+            return mixed
+        probs = torch.softmax(base_logits.float(), dim=-1)  # (n, V)
+        emb = frozen.embedding
+        return ((probs * frozen.inv_rms).to(emb.dtype) @ emb).to(dtype)  # (n, d_e)
+
+    def query(self, mixed: torch.Tensor) -> torch.Tensor:
+        """Steps 2-4 on the value side: dot = (w N ⊙ g) W_V, Q = act(dot W_Q). Returns (n, H, r)."""
+        dot = torch.einsum("nd,hdr->nhr", mixed * self.norm_scale, self.value_proj)  # (n, H, r)
+        q = torch.einsum("nhr,hrs->nhs", dot, self.query_proj)  # (n, H, r)
+        if self.config.query_activation is not None:
+            q = _ACTIVATIONS[self.config.query_activation](q)
+        return q
+
+    def query_in_embedding_space(self, q: torch.Tensor) -> torch.Tensor:
+        """Step 5, key side: q̃ = scale * (Q W_K^T) ⊙ g, so that scores = q̃ N^T. Returns (n, H, d_e)."""
+        return torch.einsum("nhr,hdr->nhd", q, self.key_proj) * (self.norm_scale * self.config.attention_scale)
+
+    @staticmethod
+    def scores(q_emb: torch.Tensor, frozen: FrozenTensors) -> torch.Tensor:
+        """The one vocabulary-sized product: s = q̃ N^T = (q̃ E^T) ⊙ inv_rms. (..., d_e) -> (..., V), fp32."""
+        emb = frozen.embedding
+        return (q_emb.to(emb.dtype) @ emb.T).float() * frozen.inv_rms
+
+    def combine(
+        self, scores: torch.Tensor, q: torch.Tensor, base_logits: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """Output logits from the heads' scores (n, H, V). fp32."""
+        residual = self.config.combine == "residual"
+        if self.gate is None:
+            s = scores[:, 0]
+            return base_logits.float() + s if residual else s
+        # Mixture of softmaxes, p = sum_h pi_h softmax(.), in log space. pi comes from each head's query.
+        log_pi = torch.log_softmax(torch.einsum("nhr,hr->nh", q, self.gate), dim=-1)[..., None]  # (n, H, 1)
+        if not residual:
+            return torch.logsumexp(log_pi + torch.log_softmax(scores, dim=-1), dim=1)
+        z = base_logits.float()
+        mixed = torch.logsumexp(log_pi + torch.log_softmax(z[:, None] + scores, dim=-1), dim=1)
+        # + logsumexp(z): the same distribution, but logits equal z exactly when all scores are zero.
+        return mixed + torch.logsumexp(z, dim=-1, keepdim=True)
+
+    def forward(
+        self, hidden: torch.Tensor, base_logits: Optional[torch.Tensor], frozen: FrozenTensors
+    ) -> torch.Tensor:
+        """(n, d_in) hidden states (and (n, V) base logits where needed) -> (n, V) fp32 logits."""
+        q = self.query(self.weighted_embedding(hidden, base_logits, frozen))
+        return self.combine(self.scores(self.query_in_embedding_space(q), frozen), q, base_logits)
+
+    # -- the collapsed form of a linear head ------------------------------------------------------------------
+
+    def collapsed_map(self, frozen: FrozenTensors) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """For a linear head (raw, no activation, one head): M (d_in, d_e) and m0 (d_e,) with q̃ = h M + m0."""
+        if not self.config.is_linear:
+            raise ValueError("collapsed_map needs logit_weighting='raw', query_activation=None and num_heads=1.")
+        # value_to_key = diag(g) W_V W_Q W_K^T diag(g) * scale, (d_e, d_e): the whole chain from w N to q̃.
+        g = self.norm_scale.float()
+        chain = self.value_proj[0].float() @ self.query_proj[0].float() @ self.key_proj[0].float().T
+        value_to_key = g[:, None] * chain * (g * self.config.attention_scale)
+        hidden_to_key = frozen.hidden_to_values @ value_to_key  # (d_in, d_e)
+        bias_to_key = None if frozen.bias_to_values is None else frozen.bias_to_values @ value_to_key
+        return hidden_to_key, bias_to_key
+
+    def collapsed_forward(
+        self,
+        hidden: torch.Tensor,
+        base_logits: Optional[torch.Tensor],
+        collapsed: tuple[torch.Tensor, Optional[torch.Tensor]],
+        frozen: FrozenTensors,
+    ) -> torch.Tensor:
+        """The same logits as `forward` for a linear head, from the cached collapsed map."""
+        hidden_to_key, bias_to_key = collapsed
+        q_emb = hidden.float() @ hidden_to_key  # (n, d_e)
+        if bias_to_key is not None:
+            q_emb = q_emb + bias_to_key
+        s = self.scores(q_emb, frozen)
+        return base_logits.float() + s if self.config.combine == "residual" else s
+
+
+class BackAttnLayer(nn.Module, BaseTunerLayer):
+    """Wraps the output layer of a causal LM; holds one `BackAttnHead` per adapter name.
+
+    The frozen input embeddings are referenced, not owned, so that saving writes only head weights.
+    """
+
+    adapter_layer_names = ("backattn_heads",)
+    other_param_names = ()
+
+    def __init__(
+        self, base_layer: nn.Module, input_embeddings: nn.Module, adapter_name: str, config: BackAttnConfig
+    ) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.backattn_heads = nn.ModuleDict({})
+        self._input_embeddings = _Reference(input_embeddings)
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        self._unmerged_params: Optional[tuple[nn.Parameter, Optional[nn.Parameter]]] = None
+        self._frozen_cache: dict[tuple, FrozenTensors] = {}
+        self._collapsed_cache: dict[str, tuple[tuple, tuple]] = {}
+        self.in_features, self.out_features = output_layer_shape(base_layer)
+        self.update_layer(adapter_name, config)
+        self.set_adapter(adapter_name, inference_mode=config.inference_mode)
+
+    # -- adapters ---------------------------------------------------------------------------------------------
+
+    @property
+    def embedding_weight(self) -> torch.Tensor:
+        return self._input_embeddings.module.weight
+
+    def update_layer(self, adapter_name: str, config: BackAttnConfig) -> None:
+        """Add a freshly initialised head called `adapter_name`, on the base layer's device."""
+        head = BackAttnHead(config, embedding_dim=self.embedding_weight.shape[1])
+        self.backattn_heads[adapter_name] = head
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
+        super().set_adapter(adapter_names, inference_mode=inference_mode)
+        self._collapsed_cache.clear()
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._collapsed_cache.pop(adapter_name, None)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        if not enabled and self.merged:
+            self.unmerge()
+        super().enable_adapters(enabled)
+
+    def train(self, mode: bool = True) -> BackAttnLayer:
+        self._collapsed_cache.clear()  # weights are about to change
+        return super().train(mode)
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        self._collapsed_cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    # -- frozen tensors and caches ----------------------------------------------------------------------------
+
+    def frozen_tensors(self, config: BackAttnConfig) -> FrozenTensors:
+        """E's inverse row norms (and, in raw mode, W_out^T N / |V|), cached until a base weight changes."""
+        emb = self.embedding_weight
+        out_weight = self.get_base_layer().weight
+        raw = config.logit_weighting == "raw"
+        key = (_tensor_key(emb), _tensor_key(out_weight), config.rms_norm_eps, raw)
+        cached = self._frozen_cache.get(key)
+        if cached is not None:
+            return cached
+        self._frozen_cache = {k: v for k, v in self._frozen_cache.items() if k[:2] == key[:2]}  # drop stale
+        with torch.no_grad():
+            inv_rms = torch.cat(
+                [
+                    torch.rsqrt(rows.float().pow(2).mean(dim=-1) + config.rms_norm_eps)
+                    for rows in emb.split(_ROWS_PER_VOCAB_CHUNK)
+                ]
+            )
+            hidden_to_values = bias_to_values = None
+            if raw:
+                hidden_to_values, bias_to_values = self._hidden_to_values(inv_rms)
+        frozen = FrozenTensors(emb, inv_rms, hidden_to_values, bias_to_values)
+        self._frozen_cache[key] = frozen
+        return frozen
+
+    def _hidden_to_values(self, inv_rms: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """W_out^T N / |V| (d_in, d_e) and b N / |V|, summed over vocabulary chunks in fp32."""
+        base = self.get_base_layer()
+        out_weight = dequantize_module_weight(base)  # (V, d_in); a plain tensor unless the layer is quantised
+        emb = self.embedding_weight
+        vocab = emb.shape[0]
+        total = torch.zeros(out_weight.shape[1], emb.shape[1], dtype=torch.float32, device=emb.device)
+        for start in range(0, vocab, _ROWS_PER_VOCAB_CHUNK):
+            stop = start + _ROWS_PER_VOCAB_CHUNK
+            normed = emb[start:stop].float() * inv_rms[start:stop, None]  # N rows, (chunk, d_e)
+            total += out_weight[start:stop].float().T @ normed
+        bias = getattr(base, "bias", None)
+        bias_term = None
+        if bias is not None:
+            bias_term = ((bias.float() * inv_rms) @ emb.float()) / vocab
+        return total / vocab, bias_term
+
+    def _collapsed(self, adapter_name: str, frozen: FrozenTensors) -> tuple:
+        """The cached collapsed map of a linear head; rebuilt whenever a head weight or base weight changes."""
+        head = self.backattn_heads[adapter_name]
+        key = (tuple(_tensor_key(p) for p in head.parameters()), _tensor_key(frozen.embedding))
+        cached = self._collapsed_cache.get(adapter_name)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        with torch.no_grad():
+            collapsed = head.collapsed_map(frozen)
+        self._collapsed_cache[adapter_name] = (key, collapsed)
+        return collapsed
+
+    # -- forward ----------------------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        adapter_names = kwargs.pop("adapter_names", None)
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if adapter_names is not None:
+            return self._mixed_batch_forward(x, adapter_names)
+        if self.merged or not self.active_adapters:
+            return self.base_layer(x, *args, **kwargs)
+        if len(self.active_adapters) != 1:
+            raise ValueError(
+                f"A backattn layer runs one head at a time, but {self.active_adapters} are active; "
+                "call set_adapter('<name>'), or pass adapter_names=[...] to run one head per sample."
+            )
+        return self.head_forward(self.active_adapters[0], x)
+
+    def head_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """Logits of head `adapter_name` for hidden states x (..., d_in), computed in chunks of positions."""
+        head = self.backattn_heads[adapter_name]
+        config = head.config
+        frozen = self.frozen_tensors(config)
+        needs_base_logits = config.combine == "residual" or config.logit_weighting == "softmax"
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
+        collapsed = self._collapsed(adapter_name, frozen) if config.is_linear and not needs_grad else None
+        # Only a mixture keeps vocabulary-sized tensors for backward; recompute those per chunk instead.
+        recompute = needs_grad and head.gate is not None
+
+        rows = x.reshape(-1, x.shape[-1])  # (n, d_in), n = batch * positions
+        chunks = []
+        for chunk in rows.split(config.chunk_size):
+            base_logits = self.base_layer(chunk) if needs_base_logits else None
+            if collapsed is not None:
+                logits = head.collapsed_forward(chunk, base_logits, collapsed, frozen)
+            elif recompute:
+                logits = checkpoint(head, chunk, base_logits, frozen, use_reentrant=False)
+            else:
+                logits = head(chunk, base_logits, frozen)
+            out_dtype = base_logits.dtype if base_logits is not None else x.dtype
+            chunks.append(logits.to(out_dtype))
+        logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
+        return logits.reshape(*x.shape[:-1], logits.shape[-1])
+
+    def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
+        """Run head adapter_names[i] on sample i ('__base__': the base layer); equal to running each alone."""
+        batch = x.shape[0]
+        names = expand_adapter_names(adapter_names, batch)
+        out = None
+        for name in dict.fromkeys(names):  # unique, in order of appearance
+            index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            sub = x.index_select(0, index)
+            if name == BASE_ADAPTER_NAME:
+                result = self.base_layer(sub)
+            else:
+                result = self.head_forward(name, sub)
+            if out is None:
+                out = result.new_empty((batch, *result.shape[1:]))
+            out.index_copy_(0, index, result.to(out.dtype))
+        return out
+
+    # -- merging ----------------------------------------------------------------------------------------------
+
+    def merged_output_weights(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The (V, d_in) weight and bias of one linear layer whose logits equal head `adapter_name`'s."""
+        head = self.backattn_heads[adapter_name]
+        check_mergeable(adapter_name, head.config)
+        frozen = self.frozen_tensors(head.config)
+        base = self.get_base_layer()
+        with torch.no_grad():
+            hidden_to_key, bias_to_key = head.collapsed_map(frozen)
+            emb = frozen.embedding
+            # scores = h M N^T + m0 N^T, so the weight is N M^T = diag(inv_rms) E M^T.
+            weight = torch.cat(
+                [
+                    (rows.float() @ hidden_to_key.T) * inv[:, None]
+                    for rows, inv in zip(emb.split(_ROWS_PER_VOCAB_CHUNK), frozen.inv_rms.split(_ROWS_PER_VOCAB_CHUNK))
+                ]
+            )
+            bias = None
+            if bias_to_key is not None:
+                bias = (emb.float() @ bias_to_key) * frozen.inv_rms
+            if head.config.combine == "residual":
+                weight = weight + dequantize_module_weight(base).float()
+                if base.bias is not None:
+                    bias = base.bias.float() + (bias if bias is not None else 0)
+        return weight, bias
+
+    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+        """Fold the active head into a new, untied output matrix; `unmerge` restores the original one."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if len(adapter_names) > 1:
+            raise ValueError(f"Only one backattn head can be merged at a time, got {adapter_names}.")
+        if self.merged:
+            warnings.warn(f"Already merged with {self.merged_adapters}; unmerging first.", stacklevel=2)
+            self.unmerge()
+        base = self.get_base_layer()
+        weight, bias = self.merged_output_weights(adapter_names[0])
+        if safe_merge and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+            raise ValueError(f"NaNs or infs in the merged weights of head {adapter_names[0]!r}; nothing was merged.")
+        dtype = base.weight.dtype if base.weight.dtype.is_floating_point else self.embedding_weight.dtype
+        self._unmerged_params = (base.weight, base.bias)
+        base.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if bias is not None:
+            base.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        self.merged_adapters.append(adapter_names[0])
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        base.weight, base.bias = self._unmerged_params
+        self._unmerged_params = None
+        self.merged_adapters.clear()
+
+    def __repr__(self) -> str:
+        return "backattn." + super().__repr__()
+
+
+def check_mergeable(adapter_name: str, config: BackAttnConfig) -> None:
+    """Raise a clear error unless the head is an affine map of the hidden state."""
+    if config.is_linear:
+        return
+    reasons = []
+    if config.logit_weighting != "raw":
+        reasons.append(f"logit_weighting={config.logit_weighting!r}")
+    if config.query_activation is not None:
+        reasons.append(f"query_activation={config.query_activation!r}")
+    if config.num_heads != 1:
+        reasons.append(f"num_heads={config.num_heads}")
+    raise ValueError(
+        f"Head {adapter_name!r} cannot be merged: it is not linear ({', '.join(reasons)}). Merging needs "
+        "logit_weighting='raw', query_activation=None and num_heads=1; keep the head unmerged, or unload() it."
+    )
+
+
+def expand_adapter_names(adapter_names: list[str], batch: int) -> list[str]:
+    """Match per-sample names to the batch; generate() repeats each sample (beams, return sequences) in place."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+        raise TypeError(f"adapter_names must be a list of adapter names, one per sample, got {adapter_names!r}.")
+    count = len(adapter_names)
+    if count == batch:
+        return list(adapter_names)
+    if count and batch % count == 0:
+        repeat = batch // count
+        return [name for name in adapter_names for _ in range(repeat)]
+    raise ValueError(f"adapter_names has {count} entries but the batch has {batch} samples; pass one per sample.")
+
+
+def output_layer_shape(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of the wrapped output layer."""
+    in_features = getattr(module, "in_features", None)
+    out_features = getattr(module, "out_features", None)
+    if in_features is None or out_features is None:
+        weight = getattr(module, "weight", None)
+        if weight is None or weight.dim() != 2:
+            raise ValueError(
+                f"backattn wraps a linear output layer (weight of shape (vocab, hidden)); got {type(module).__name__}."
+            )
+        out_features, in_features = weight.shape
+    return int(in_features), int(out_features)
+
+
+def _tensor_key(tensor: torch.Tensor) -> tuple:
+    """Identifies a tensor's current contents: in-place updates bump _version, moves change the pointer."""
+    return (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device, tuple(tensor.shape))

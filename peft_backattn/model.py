@@ -1,0 +1,183 @@
+"""`BackAttnModel`: the PEFT tuner that attaches backward-attention heads to a causal LM's output layer."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Optional
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from torch import nn
+
+from ._registration import PREFIX
+from .config import BackAttnConfig
+from .layer import BASE_ADAPTER_NAME, BackAttnLayer, check_mergeable, output_layer_shape
+
+
+class BackAttnModel(BaseTuner):
+    """Wraps the module returned by `get_output_embeddings()` (or `config.head_module`) in a `BackAttnLayer`.
+
+    Use it through PEFT: `get_peft_model(model, BackAttnConfig())`. Everything but the heads stays frozen, tied
+    input/output embeddings stay tied, and `save_pretrained` writes only the heads' weights.
+    """
+
+    prefix: str = PREFIX
+    tuner_layer_cls = BackAttnLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _prepare_adapter_config(self, peft_config: BackAttnConfig, model_config: dict) -> BackAttnConfig:
+        """Resolve the output module and check (or record) the base shapes, before anything is changed."""
+        if peft_config.head_module is None:
+            peft_config.head_module = find_output_module_name(self.model)
+        check_base_compatibility(peft_config, self.model)
+        return peft_config
+
+    @staticmethod
+    def _check_target_module_exists(peft_config: BackAttnConfig, key: str) -> bool:
+        return key == peft_config.head_module
+
+    def _create_and_replace(
+        self,
+        peft_config: BackAttnConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **kwargs: Any,
+    ) -> None:
+        if isinstance(target, BackAttnLayer):
+            target.update_layer(adapter_name, peft_config)
+            return
+        new_module = BackAttnLayer(target, input_embeddings_of(self.model), adapter_name, peft_config)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _check_merge_allowed(self) -> None:
+        """Merging folds a linear head into a new output matrix (untying it on purpose); others cannot merge."""
+        for name in self.active_adapters:
+            check_mergeable(name, self.peft_config[name])
+
+    @contextmanager
+    def _enable_peft_forward_hooks(self, *args: Any, **kwargs: Any) -> Iterator[None]:
+        """Route `adapter_names=[...]` (one head per sample) from forward()/generate() to the head layers."""
+        adapter_names = kwargs.pop("adapter_names", None)
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise ValueError("adapter_names runs several heads for inference only; call model.eval() first.")
+        known = sorted(self.peft_config)
+        unknown = sorted({name for name in adapter_names if name != BASE_ADAPTER_NAME} - set(known))
+        if unknown:
+            raise ValueError(
+                f"Unknown head(s) {unknown} in adapter_names; known heads: {known} "
+                f"(or {BASE_ADAPTER_NAME!r} for the base model alone)."
+            )
+        layers = [module for module in self.model.modules() if isinstance(module, BackAttnLayer)]
+        if any(layer.merged for layer in layers):
+            raise ValueError("adapter_names cannot be used while a head is merged; call unmerge_adapter() first.")
+        handles = [
+            layer.register_forward_pre_hook(partial(_pass_adapter_names, adapter_names=adapter_names), with_kwargs=True)
+            for layer in layers
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(
+        cls, model: nn.Module, config: BackAttnConfig, adapter_name: str, state_dict: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """Refuse a state dict that would leave head weights unset or of the wrong shape."""
+        remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        expected = {
+            key: param
+            for key, param in model.state_dict().items()
+            if f".backattn_heads.{adapter_name}." in key
+        }
+        missing = sorted(key for key in expected if key not in remapped)
+        if missing:
+            raise ValueError(f"The checkpoint of head {adapter_name!r} lacks {missing}; it is not a complete head.")
+        for key, param in expected.items():
+            if remapped[key].shape != param.shape:
+                raise ValueError(
+                    f"Weight {key} has shape {tuple(remapped[key].shape)} in the checkpoint but "
+                    f"{tuple(param.shape)} in the model."
+                )
+        return remapped
+
+
+def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
+    kwargs["adapter_names"] = adapter_names
+    return args, kwargs
+
+
+def find_output_module_name(model: nn.Module) -> str:
+    """The qualified name of `model.get_output_embeddings()`, with a clear error where there is none."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if get_output is not None else None
+    if output is None:
+        raise ValueError(
+            f"{type(model).__name__} has no output embeddings (get_output_embeddings() returned nothing); "
+            "pass BackAttnConfig(head_module='<name of its output linear layer>')."
+        )
+    for name, module in model.named_modules():
+        if module is output:
+            return name
+    raise ValueError(f"The output embeddings of {type(model).__name__} are not a submodule of it.")
+
+
+def input_embeddings_of(model: nn.Module) -> nn.Module:
+    get_input = getattr(model, "get_input_embeddings", None)
+    embeddings = get_input() if get_input is not None else None
+    if embeddings is None or getattr(embeddings, "weight", None) is None:
+        raise ValueError(
+            f"{type(model).__name__} has no input-embedding matrix (get_input_embeddings()); "
+            "the backattn head attends over it."
+        )
+    return embeddings
+
+
+def check_base_compatibility(config: BackAttnConfig, model: nn.Module) -> None:
+    """Check the head's recorded base shapes against `model` (or record them); raises before any change."""
+    try:
+        output = model.get_submodule(config.head_module)
+    except AttributeError:
+        raise ValueError(
+            f"BackAttnConfig.head_module={config.head_module!r} is not a module of {type(model).__name__}."
+        ) from None
+    if isinstance(output, BackAttnLayer):
+        output = output.get_base_layer()
+    hidden_size, vocab_size = output_layer_shape(output)
+    vocab_rows, embedding_dim = input_embeddings_of(model).weight.shape
+    if vocab_rows != vocab_size:
+        raise ValueError(
+            f"The output layer {config.head_module!r} scores {vocab_size} tokens but the input embeddings have "
+            f"{vocab_rows} rows; the backattn head needs one vocabulary for both."
+        )
+    recorded = (config.base_vocab_size, config.base_hidden_size, config.base_embedding_dim)
+    actual = (vocab_size, hidden_size, embedding_dim)
+    if any(r is not None and r != a for r, a in zip(recorded, actual)):
+        trained_on = f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else ""
+        raise ValueError(
+            f"This head was built for a base{trained_on} with vocabulary {recorded[0]}, hidden size {recorded[1]} "
+            f"and embedding size {recorded[2]}, but this model has vocabulary {actual[0]}, hidden size {actual[1]} "
+            f"and embedding size {actual[2]}; load it onto the base it was trained on."
+        )
+    config.base_vocab_size, config.base_hidden_size, config.base_embedding_dim = actual
+
+
+def head_layers(model: nn.Module) -> list[BackAttnLayer]:
+    """All backattn layers inside `model` (a PeftModel, a tuner or a plain model with injected heads)."""
+    return [module for module in model.modules() if isinstance(module, BackAttnLayer)]
+
+
+def active_head_config(model: nn.Module, adapter_name: Optional[str] = None) -> BackAttnConfig:
+    name = adapter_name or model.active_adapter
+    return model.peft_config[name]

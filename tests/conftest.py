@@ -1,0 +1,100 @@
+"""Tiny causal LMs built from configs in-process (no hub access), shared by the tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+)
+from transformers.utils import logging as hf_logging
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+hf_logging.set_verbosity_error()
+torch.set_num_threads(2)
+
+VOCAB = 97
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    """GPT-2 with tied input and output embeddings."""
+    config = GPT2Config(
+        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1,
+    )
+    return GPT2LMHeadModel(config)
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    """Llama with untied embeddings."""
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0,
+        eos_token_id=1, pad_token_id=1,
+    )
+    return LlamaForCausalLM(config)
+
+
+def tiny_opt() -> OPTForCausalLM:
+    """OPT whose embeddings (16 wide) are narrower than its hidden states (32), tied to the output layer."""
+    config = OPTConfig(
+        vocab_size=VOCAB, hidden_size=32, word_embed_proj_dim=16, ffn_dim=64, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    return OPTForCausalLM(config)
+
+
+def tiny_neox() -> GPTNeoXForCausalLM:
+    """GPT-NeoX, untied."""
+    config = GPTNeoXConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+    )
+    return GPTNeoXForCausalLM(config)
+
+
+BUILDERS = {"gpt2": tiny_gpt2, "llama": tiny_llama, "opt": tiny_opt, "neox": tiny_neox}
+
+
+def build(arch: str = "gpt2", seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return BUILDERS[arch]().eval()
+
+
+@pytest.fixture(params=sorted(BUILDERS))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randint(2, VOCAB, (3, 9), generator=generator)
+
+
+def randomize_heads(model: torch.nn.Module, seed: int = 0, std: float = 0.5) -> None:
+    """Give every head weight a clearly non-trivial value, so that heads differ from each other and the base."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".backattn_heads." in name:
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
+                param.add_(noise.to(param.dtype))
+
+
+def requires_shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"the shared math data ({SHARED_DATA}) is absent")
+    return SHARED_DATA
