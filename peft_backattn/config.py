@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Literal
 
 from peft.config import PeftConfig
 from peft.utils import TaskType
@@ -26,7 +26,7 @@ class BackAttnConfig(PeftConfig):
         default=64,
         metadata={"help": "Latent size of the keys, values and queries (the r of W_K, W_V: d x r, and W_Q: r x r)."},
     )
-    scaling: Optional[float] = field(
+    scaling: float | None = field(
         default=None,
         metadata={"help": "Factor applied to the attention scores Q K^T. None means 1 / sqrt(r), as in attention."},
     )
@@ -63,7 +63,7 @@ class BackAttnConfig(PeftConfig):
             )
         },
     )
-    query_activation: Optional[Literal["gelu", "silu", "tanh", "relu"]] = field(
+    query_activation: Literal["gelu", "silu", "tanh", "relu"] | None = field(
         default=None,
         metadata={
             "help": (
@@ -90,7 +90,7 @@ class BackAttnConfig(PeftConfig):
             )
         },
     )
-    head_module: Optional[str] = field(
+    head_module: str | None = field(
         default=None,
         metadata={
             "help": (
@@ -99,19 +99,19 @@ class BackAttnConfig(PeftConfig):
             )
         },
     )
-    target_modules: Optional[list[str]] = field(
+    target_modules: list[str] | None = field(
         default=None,
         metadata={"help": "Unused; kept None. The head wraps `head_module`. Present for PEFT's generic code paths."},
     )
-    base_vocab_size: Optional[int] = field(
+    base_vocab_size: int | None = field(
         default=None,
         metadata={"help": "Vocabulary size of the base the head was built for. Recorded on attach, checked on load."},
     )
-    base_hidden_size: Optional[int] = field(
+    base_hidden_size: int | None = field(
         default=None,
         metadata={"help": "Input width of the wrapped output layer. Recorded on attach, checked on load."},
     )
-    base_embedding_dim: Optional[int] = field(
+    base_embedding_dim: int | None = field(
         default=None,
         metadata={"help": "Width of the input-embedding matrix. Recorded on attach, checked on load."},
     )
@@ -128,7 +128,7 @@ class BackAttnConfig(PeftConfig):
 
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs
+        cls, pretrained_model_name_or_path: str, subfolder: str | None = None, **kwargs
     ) -> BackAttnConfig:
         """Load the config and, for a local folder, check its weights file first.
 

@@ -19,7 +19,7 @@ affine map of h that collapses to q̃ = h M + m0 (cached in evaluation) and merg
 from __future__ import annotations
 
 import warnings
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +41,8 @@ class FrozenTensors(NamedTuple):
 
     embedding: torch.Tensor  # E (V, d_e), the base's own tensor
     inv_rms: torch.Tensor  # (V,) fp32, 1 / rms(E_v): N = diag(inv_rms) E
-    hidden_to_values: Optional[torch.Tensor]  # raw mode: W_out^T N / |V|, (d_in, d_e) fp32
-    bias_to_values: Optional[torch.Tensor]  # raw mode with an output bias: b N / |V|, (d_e,) fp32
+    hidden_to_values: torch.Tensor | None  # raw mode: W_out^T N / |V|, (d_in, d_e) fp32
+    bias_to_values: torch.Tensor | None  # raw mode with an output bias: b N / |V|, (d_e,) fp32
 
 
 class _Reference:
@@ -85,7 +85,7 @@ class BackAttnHead(nn.Module):
     # -- the five steps, in the cheap association -------------------------------------------------------------
 
     def weighted_embedding(
-        self, hidden: torch.Tensor, base_logits: Optional[torch.Tensor], frozen: FrozenTensors
+        self, hidden: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors
     ) -> torch.Tensor:
         """w N for each row: the logit-weighted sum of normalised embeddings, (n, d_e), before g and W_V."""
         dtype = self.norm_scale.dtype
@@ -117,9 +117,7 @@ class BackAttnHead(nn.Module):
         emb = frozen.embedding
         return (q_emb.to(emb.dtype) @ emb.T).float() * frozen.inv_rms
 
-    def combine(
-        self, scores: torch.Tensor, q: torch.Tensor, base_logits: Optional[torch.Tensor]
-    ) -> torch.Tensor:
+    def combine(self, scores: torch.Tensor, q: torch.Tensor, base_logits: torch.Tensor | None) -> torch.Tensor:
         """Output logits from the heads' scores (n, H, V). fp32."""
         residual = self.config.combine == "residual"
         if self.gate is None:
@@ -134,16 +132,14 @@ class BackAttnHead(nn.Module):
         # + logsumexp(z): the same distribution, but logits equal z exactly when all scores are zero.
         return mixed + torch.logsumexp(z, dim=-1, keepdim=True)
 
-    def forward(
-        self, hidden: torch.Tensor, base_logits: Optional[torch.Tensor], frozen: FrozenTensors
-    ) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors) -> torch.Tensor:
         """(n, d_in) hidden states (and (n, V) base logits where needed) -> (n, V) fp32 logits."""
         q = self.query(self.weighted_embedding(hidden, base_logits, frozen))
         return self.combine(self.scores(self.query_in_embedding_space(q), frozen), q, base_logits)
 
     # -- the collapsed form of a linear head ------------------------------------------------------------------
 
-    def collapsed_map(self, frozen: FrozenTensors) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def collapsed_map(self, frozen: FrozenTensors) -> tuple[torch.Tensor, torch.Tensor | None]:
         """For a linear head (raw, no activation, one head): M (d_in, d_e) and m0 (d_e,) with q̃ = h M + m0."""
         if not self.config.is_linear:
             raise ValueError("collapsed_map needs logit_weighting='raw', query_activation=None and num_heads=1.")
@@ -158,8 +154,8 @@ class BackAttnHead(nn.Module):
     def collapsed_forward(
         self,
         hidden: torch.Tensor,
-        base_logits: Optional[torch.Tensor],
-        collapsed: tuple[torch.Tensor, Optional[torch.Tensor]],
+        base_logits: torch.Tensor | None,
+        collapsed: tuple[torch.Tensor, torch.Tensor | None],
         frozen: FrozenTensors,
     ) -> torch.Tensor:
         """The same logits as `forward` for a linear head, from the cached collapsed map."""
@@ -189,7 +185,7 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         self._input_embeddings = _Reference(input_embeddings)
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
-        self._unmerged_params: Optional[tuple[nn.Parameter, Optional[nn.Parameter]]] = None
+        self._unmerged_params: tuple[nn.Parameter, nn.Parameter | None] | None = None
         self._frozen_cache: dict[tuple, FrozenTensors] = {}
         self._collapsed_cache: dict[str, tuple[tuple, tuple]] = {}
         self.in_features, self.out_features = output_layer_shape(base_layer)
@@ -256,7 +252,7 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         self._frozen_cache[key] = frozen
         return frozen
 
-    def _hidden_to_values(self, inv_rms: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def _hidden_to_values(self, inv_rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W_out^T N / |V| (d_in, d_e) and b N / |V|, summed over vocabulary chunks in fp32."""
         base = self.get_base_layer()
         out_weight = dequantize_module_weight(base)  # (V, d_in); a plain tensor unless the layer is quantised
@@ -349,7 +345,7 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
 
     # -- merging ----------------------------------------------------------------------------------------------
 
-    def merged_output_weights(self, adapter_name: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def merged_output_weights(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The (V, d_in) weight and bias of one linear layer whose logits equal head `adapter_name`'s."""
         head = self.backattn_heads[adapter_name]
         check_mergeable(adapter_name, head.config)
@@ -358,13 +354,10 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         with torch.no_grad():
             hidden_to_key, bias_to_key = head.collapsed_map(frozen)
             emb = frozen.embedding
-            # scores = h M N^T + m0 N^T, so the weight is N M^T = diag(inv_rms) E M^T.
-            weight = torch.cat(
-                [
-                    (rows.float() @ hidden_to_key.T) * inv[:, None]
-                    for rows, inv in zip(emb.split(_ROWS_PER_VOCAB_CHUNK), frozen.inv_rms.split(_ROWS_PER_VOCAB_CHUNK))
-                ]
-            )
+            # scores = h M N^T + m0 N^T, so the weight is N M^T = diag(inv_rms) E M^T, built in vocabulary chunks.
+            chunk = _ROWS_PER_VOCAB_CHUNK
+            row_chunks = zip(emb.split(chunk), frozen.inv_rms.split(chunk), strict=True)
+            weight = torch.cat([(rows.float() * inv[:, None]) @ hidden_to_key.T for rows, inv in row_chunks])
             bias = None
             if bias_to_key is not None:
                 bias = (emb.float() @ bias_to_key) * frozen.inv_rms
@@ -374,7 +367,7 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
                     bias = base.bias.float() + (bias if bias is not None else 0)
         return weight, bias
 
-    def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
         """Fold the active head into a new, untied output matrix; `unmerge` restores the original one."""
         adapter_names = check_adapters_to_merge(self, adapter_names)
         if not adapter_names:

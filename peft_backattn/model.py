@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -81,7 +81,9 @@ class BackAttnModel(BaseTuner):
         if any(layer.merged for layer in layers):
             raise ValueError("adapter_names cannot be used while a head is merged; call unmerge_adapter() first.")
         handles = [
-            layer.register_forward_pre_hook(partial(_pass_adapter_names, adapter_names=adapter_names), with_kwargs=True)
+            layer.register_forward_pre_hook(
+                partial(_pass_adapter_names, adapter_names=adapter_names), with_kwargs=True
+            )
             for layer in layers
         ]
         try:
@@ -97,9 +99,7 @@ class BackAttnModel(BaseTuner):
         """Refuse a state dict that would leave head weights unset or of the wrong shape."""
         remapped = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
         expected = {
-            key: param
-            for key, param in model.state_dict().items()
-            if f".backattn_heads.{adapter_name}." in key
+            key: param for key, param in model.state_dict().items() if f".backattn_heads.{adapter_name}." in key
         }
         missing = sorted(key for key in expected if key not in remapped)
         if missing:
@@ -163,7 +163,7 @@ def check_base_compatibility(config: BackAttnConfig, model: nn.Module) -> None:
         )
     recorded = (config.base_vocab_size, config.base_hidden_size, config.base_embedding_dim)
     actual = (vocab_size, hidden_size, embedding_dim)
-    if any(r is not None and r != a for r, a in zip(recorded, actual)):
+    if any(r is not None and r != a for r, a in zip(recorded, actual, strict=True)):
         trained_on = f" ({config.base_model_name_or_path})" if config.base_model_name_or_path else ""
         raise ValueError(
             f"This head was built for a base{trained_on} with vocabulary {recorded[0]}, hidden size {recorded[1]} "
@@ -178,6 +178,6 @@ def head_layers(model: nn.Module) -> list[BackAttnLayer]:
     return [module for module in model.modules() if isinstance(module, BackAttnLayer)]
 
 
-def active_head_config(model: nn.Module, adapter_name: Optional[str] = None) -> BackAttnConfig:
+def active_head_config(model: nn.Module, adapter_name: str | None = None) -> BackAttnConfig:
     name = adapter_name or model.active_adapter
     return model.peft_config[name]

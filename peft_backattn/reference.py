@@ -51,10 +51,10 @@ def reference_logits(
         return z + per_head_scores[0] if residual else per_head_scores[0]
 
     # Mixture of softmaxes, in probability space: p = sum_h pi_h softmax(scores_h (+ z)).
-    gate_logits = torch.stack(
-        [q @ head.gate[h].double() for h, q in enumerate(per_head_queries)], dim=-1
-    )  # (..., H)
+    gate_logits = torch.stack([q @ head.gate[h].double() for h, q in enumerate(per_head_queries)], dim=-1)  # (..., H)
     pi = torch.softmax(gate_logits, dim=-1)
-    probs = sum(pi[..., h : h + 1] * torch.softmax(s + z if residual else s, dim=-1) for h, s in enumerate(per_head_scores))
+    probs = sum(
+        pi[..., h : h + 1] * torch.softmax(s + z if residual else s, dim=-1) for h, s in enumerate(per_head_scores)
+    )
     log_probs = torch.log(probs)
     return log_probs + torch.logsumexp(z, dim=-1, keepdim=True) if residual else log_probs

@@ -31,7 +31,13 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 def tiny_gpt2() -> GPT2LMHeadModel:
     """GPT-2 with tied input and output embeddings."""
     config = GPT2Config(
-        vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=0, eos_token_id=1,
+        vocab_size=VOCAB,
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=2,
+        bos_token_id=0,
+        eos_token_id=1,
         pad_token_id=1,
     )
     return GPT2LMHeadModel(config)
@@ -40,9 +46,17 @@ def tiny_gpt2() -> GPT2LMHeadModel:
 def tiny_llama() -> LlamaForCausalLM:
     """Llama with untied embeddings."""
     config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0,
-        eos_token_id=1, pad_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     return LlamaForCausalLM(config)
 
@@ -50,8 +64,16 @@ def tiny_llama() -> LlamaForCausalLM:
 def tiny_opt() -> OPTForCausalLM:
     """OPT whose embeddings (16 wide) are narrower than its hidden states (32), tied to the output layer."""
     config = OPTConfig(
-        vocab_size=VOCAB, hidden_size=32, word_embed_proj_dim=16, ffn_dim=64, num_hidden_layers=2,
-        num_attention_heads=2, max_position_embeddings=64, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        word_embed_proj_dim=16,
+        ffn_dim=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     return OPTForCausalLM(config)
 
@@ -59,8 +81,16 @@ def tiny_opt() -> OPTForCausalLM:
 def tiny_neox() -> GPTNeoXForCausalLM:
     """GPT-NeoX, untied."""
     config = GPTNeoXConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-        max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0, eos_token_id=1, pad_token_id=1,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
     )
     return GPTNeoXForCausalLM(config)
 

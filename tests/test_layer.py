@@ -12,9 +12,7 @@ from torch import nn
 
 from peft_backattn import BackAttnConfig, BackAttnLayer, reference_logits
 
-MODES = list(
-    itertools.product(("raw", "softmax"), ("replace", "residual"), (1, 3), (None, "gelu"))
-)
+MODES = list(itertools.product(("raw", "softmax"), ("replace", "residual"), (1, 3), (None, "gelu")))
 
 
 def mode_id(mode) -> str:
@@ -60,7 +58,11 @@ def test_every_mode_matches_the_reference(arch, mode):
 def test_gradients_match_the_reference(mode):
     weighting, combine, heads, activation = mode
     _, layer = attach(
-        "gpt2", logit_weighting=weighting, combine=combine, num_heads=heads, query_activation=activation,
+        "gpt2",
+        logit_weighting=weighting,
+        combine=combine,
+        num_heads=heads,
+        query_activation=activation,
         chunk_size=4,  # several chunks, and for mixtures the recomputed (checkpointed) path
     )
     head = layer.backattn_heads["default"]
