@@ -205,10 +205,10 @@ def test_mixed_head_batch_equals_each_head_alone(tmp_path):
     base_dir, first_dir, _ = trained_head("gpt2", 5, tmp_path, logit_weighting="raw")
     _, second_dir, _ = trained_head("gpt2", 6, tmp_path, num_heads=2)
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), first_dir, adapter_name="math")
-    model.load_adapter(second_dir, adapter_name="b")
+    model.load_adapter(second_dir, adapter_name="code")
     model.eval()
     input_ids = torch.randint(2, VOCAB, (4, 7), generator=torch.Generator().manual_seed(9))
-    names = ["b", "__base__", "a", "b"]
+    names = ["code", "__base__", "math", "code"]
     mixed = logits(model, input_ids, adapter_names=names)
     for i, name in enumerate(names):
         if name == "__base__":
