@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -16,6 +19,7 @@ from transformers import (
     LlamaForCausalLM,
     OPTConfig,
     OPTForCausalLM,
+    PreTrainedTokenizerFast,
 )
 from transformers.utils import logging as hf_logging
 
@@ -128,3 +132,50 @@ def requires_shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"the shared math data ({SHARED_DATA}) is absent")
     return SHARED_DATA
+
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}<|user|>{{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+@functools.cache
+def _trained_tokenizer_json() -> str:
+    """A small byte-level BPE trained on GSM8K text (synthetic problems when the shared data is absent)."""
+    if (SHARED_DATA / "gsm8k" / "train.jsonl").is_file():
+        with open(SHARED_DATA / "gsm8k" / "train.jsonl") as handle:
+            rows = [json.loads(line) for _, line in zip(range(300), handle, strict=False)]
+        lines = [text for row in rows for text in (row["question"], row["answer"])]
+    else:
+        from peft_backattn.synthetic import generate_examples
+
+        lines = [text for ex in generate_examples(300) for text in (ex.problem, ex.solution)]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<s>", "</s>", "<pad>", "<|user|>", "<|assistant|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(lines + ["Question:", "Answer:"], trainer)
+    # Like Llama's tokenizer: special tokens mean a BOS in front.
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.token_to_id("<s>"))]
+    )
+    return tokenizer.to_str()
+
+
+def build_tokenizer(chat: bool = False, pad: bool = True) -> PreTrainedTokenizerFast:
+    """A real fast tokenizer built in-process; `chat` gives it a chat template, `pad` a pad token."""
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_trained_tokenizer_json()),
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>" if pad else None,
+        additional_special_tokens=["<|user|>", "<|assistant|>"],
+    )
+    if chat:
+        tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer

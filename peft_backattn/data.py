@@ -1,0 +1,290 @@
+"""Math word problems for supervised fine-tuning: loading rows, merging them into one target, tokenising, batching.
+
+Every data set becomes a list of `MathExample` (problem, worked solution ending in a GSM8K-style `#### answer` line,
+answer), so the rest of the library sees one format whatever the source. `tokenize_examples` turns examples into
+teacher-forcing features whose labels mask the prompt, and `PaddingCollator` pads them into batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from datasets import Dataset, IterableDataset, load_dataset
+
+IGNORE_INDEX = -100  # label of positions the loss skips (the default ignore_index of torch's cross-entropy)
+
+# GSM8K's calculator notes, e.g. '<<48/2=24>>'; the solution text repeats each result right after its note.
+_CALCULATOR_NOTE = re.compile(r"<<[^<>]*>>")
+# A final-answer line, '#### 72'; the last one in a solution holds the answer.
+_ANSWER_LINE = re.compile(r"^####[ \t]+(.+?)[ \t]*$", re.MULTILINE)
+# A source ending in a file extension ('train.jsonl') is a file; hub names ('openai/gsm8k') do not end in one.
+_FILE_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]*$")
+
+_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # file extension -> `datasets` builder
+_PLAIN_PROMPT = "Question: {problem}\nAnswer:"  # for tokenizers without a chat template
+_FIELDS_HINT = "--fields problem=...,solution=...,answer=..."
+
+
+@dataclass(frozen=True)
+class FieldMapping:
+    """Which columns of a dataset hold the problem, the worked solution and the final answer."""
+
+    problem: str
+    solution: str
+    answer: str | None = None  # None: the answer is taken from the solution (GSM8K's '#### N' line)
+
+    def __str__(self) -> str:
+        """The command-line form, which `parse_field_mapping` reads back."""
+        answer = "" if self.answer is None else f",answer={self.answer}"
+        return f"problem={self.problem},solution={self.solution}{answer}"
+
+
+SCHEMAS: dict[str, FieldMapping] = {
+    "openmathinstruct2": FieldMapping("problem", "generated_solution", "expected_answer"),
+    "gsm8k": FieldMapping("question", "answer", None),
+    "math500": FieldMapping("problem", "solution", "answer"),
+}
+
+
+def parse_field_mapping(text: str) -> FieldMapping:
+    """'problem=question,solution=answer[,answer=final]' -> FieldMapping, for the command line."""
+    expected = "expected 'problem=COLUMN,solution=COLUMN[,answer=COLUMN]'"
+    columns: dict[str, str] = {}
+    for part in text.split(","):
+        key, sep, column = (piece.strip() for piece in part.partition("="))
+        if not sep or not column or key not in ("problem", "solution", "answer"):
+            raise ValueError(f"bad part {part.strip()!r} in field mapping {text!r}; {expected}")
+        if key in columns:
+            raise ValueError(f"{key!r} is given twice in field mapping {text!r}; {expected}")
+        columns[key] = column
+    missing = [key for key in ("problem", "solution") if key not in columns]
+    if missing:
+        raise ValueError(f"field mapping {text!r} lacks {' and '.join(missing)}; {expected}")
+    return FieldMapping(**columns)
+
+
+@dataclass(frozen=True)
+class MathExample:
+    """One problem with its training target."""
+
+    problem: str
+    solution: str  # worked solution ending in a '#### <answer>' line; GSM8K '<<48/2=24>>' calculator notes removed
+    answer: str  # the final answer as a string, e.g. '72' or '\\frac{1}{2}'
+
+
+def _field(row: Mapping[str, Any], name: str) -> str:
+    if row.get(name) is None:
+        raise ValueError(f"the row has no value for {name!r} (its fields: {', '.join(row)})")
+    return str(row[name]).strip()
+
+
+def to_example(row: Mapping[str, Any], fields: FieldMapping) -> MathExample:
+    """One dataset row -> MathExample, with the answer merged into the solution as its last line.
+
+    Every target then ends in '#### <answer>', whether the data set writes that line (GSM8K) or keeps the answer in
+    a column of its own (OpenMathInstruct-2, MATH-500), so a model learns one way of stating the answer.
+    """
+    problem = _field(row, fields.problem)
+    if not problem:
+        raise ValueError(f"the row has an empty problem ({fields.problem!r})")
+    solution = _CALCULATOR_NOTE.sub("", _field(row, fields.solution))
+    answer_lines = _ANSWER_LINE.findall(solution)
+    if fields.answer is not None:
+        answer = _field(row, fields.answer)
+    elif answer_lines:
+        answer = answer_lines[-1]
+    else:
+        raise ValueError(
+            f"the solution ({fields.solution!r}) has no '#### <answer>' line and the field mapping names no answer "
+            f"column; add answer=COLUMN to {_FIELDS_HINT}"
+        )
+    if not answer:
+        raise ValueError(f"the row has an empty answer ({fields.answer!r})")
+    if not answer_lines:
+        solution = f"{solution}\n#### {answer}" if solution else f"#### {answer}"
+    return MathExample(problem=problem, solution=solution, answer=answer)
+
+
+def detect_schema(columns: Iterable[str]) -> FieldMapping:
+    """The first SCHEMAS entry whose columns are all present."""
+    columns = list(columns)
+    for mapping in SCHEMAS.values():
+        if all(name in columns for name in (mapping.problem, mapping.solution, mapping.answer) if name is not None):
+            return mapping
+    raise ValueError(
+        f"cannot tell which columns hold the problem and the solution (columns found: "
+        f"{', '.join(columns) or 'none'}); pass a field mapping ('{_FIELDS_HINT}')"
+    )
+
+
+def _resolve_fields(fields: FieldMapping | str | None, columns: Sequence[str]) -> FieldMapping:
+    if isinstance(fields, FieldMapping):
+        return fields
+    if fields is None:
+        return detect_schema(columns)
+    if "=" in fields:
+        return parse_field_mapping(fields)
+    if fields not in SCHEMAS:
+        raise ValueError(f"unknown schema {fields!r}; use one of {', '.join(SCHEMAS)} or a mapping '{_FIELDS_HINT}'")
+    return SCHEMAS[fields]
+
+
+def _open_rows(source: str, split: str, streaming: bool | None) -> Dataset | IterableDataset:
+    """A `datasets` dataset for a local file or a hub name; hub data is streamed unless `streaming` is False."""
+    path = os.path.expanduser(source)
+    looks_local = os.path.exists(path) or source.startswith(("/", ".", "~")) or _FILE_EXTENSION.search(source)
+    if not looks_local:
+        return load_dataset(source, split=split, streaming=True if streaming is None else streaming)
+    if not os.path.exists(path):
+        raise ValueError(
+            f"{source} does not exist; pass an existing .jsonl, .json or .parquet file or a Hugging Face dataset name"
+        )
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in _BUILDERS or not os.path.isfile(path):
+        raise ValueError(f"cannot read {source}: use a {', '.join(_BUILDERS)} file (one file, not a folder)")
+    if os.path.getsize(path) == 0:  # `datasets` fails on an empty file with a bare StopIteration
+        raise ValueError(f"{source} is empty; pass a file with examples in it")
+    # Local files have a single split, which `datasets` names 'train'.
+    return load_dataset(_BUILDERS[extension], data_files=path, split="train", streaming=bool(streaming))
+
+
+def load_examples(
+    source: str,
+    *,
+    fields: FieldMapping | str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    streaming: bool | None = None,
+) -> list[MathExample]:
+    """The first `limit` examples (all when None) of a local .jsonl/.json/.parquet file or a hub dataset.
+
+    `fields` is a FieldMapping, a SCHEMAS key, a 'problem=...,solution=...' string, or None to detect the schema from
+    the columns. `split` applies to hub datasets only. Hub datasets stream by default, so that taking the first rows
+    of a split with millions of them (OpenMathInstruct-2) never downloads the whole split.
+    """
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of examples or None, got {limit!r}")
+    dataset = _open_rows(source, split, streaming)
+    rows = iter(dataset)
+    columns = dataset.column_names
+    if columns is None:  # a streamed dataset may learn its columns only from its first row
+        first = next(rows, None)
+        columns = [] if first is None else list(first)
+        rows = itertools.chain([] if first is None else [first], rows)
+    mapping = _resolve_fields(fields, columns)
+    needed = [name for name in (mapping.problem, mapping.solution, mapping.answer) if name is not None]
+    missing = [name for name in needed if name not in columns]
+    if missing:
+        raise ValueError(
+            f"{source} lacks the field(s) {', '.join(missing)} (its columns: {', '.join(columns) or 'none'}); "
+            f"pass a field mapping that names its columns ('{_FIELDS_HINT}')"
+        )
+    examples = []
+    for index, row in enumerate(itertools.islice(rows, limit)):
+        try:
+            examples.append(to_example(row, mapping))
+        except ValueError as error:
+            raise ValueError(f"{source}, row {index}: {error}") from None
+    if not examples:
+        raise ValueError(f"{source} holds no rows; pass a file or split with examples in it")
+    return examples
+
+
+@dataclass
+class TruncationReport:
+    """How many examples `tokenize_examples` cut or dropped to fit `max_length`, so that neither happens silently."""
+
+    total: int = 0  # examples tokenised
+    truncated: int = 0  # examples whose target was cut to fit max_length
+    dropped: int = 0  # examples whose prompt alone filled max_length (no target token left): skipped
+    max_length: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"{self.truncated} of {self.total} examples truncated to {self.max_length} tokens, "
+            f"{self.dropped} dropped (prompt too long)"
+        )
+
+
+def format_prompt(problem: str, tokenizer) -> str:
+    """The prompt for a problem: the chat template's user turn when the tokenizer has one, as the model expects."""
+    if getattr(tokenizer, "chat_template", None):
+        messages = [{"role": "user", "content": problem}]
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return _PLAIN_PROMPT.format(problem=problem)
+
+
+def tokenize_examples(examples: Sequence[MathExample], tokenizer, max_length: int) -> tuple[Dataset, TruncationReport]:
+    """Teacher-forcing features: input_ids = prompt + target + eos, labels masking the prompt with IGNORE_INDEX.
+
+    Prompt and target are tokenised separately, so the boundary between masked and trained positions is exact (a
+    tokenizer could merge tokens across it if the two were tokenised as one string). A chat template writes its own
+    special tokens, so the prompt gets the tokenizer's special tokens only without one; the target never does.
+    Sequences over `max_length` lose their end; an example whose prompt alone fills `max_length` has nothing left to
+    train on and is dropped. Both are counted in the returned report.
+    """
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token so that targets end where to stop")
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    report = TruncationReport(total=len(examples), max_length=max_length)
+    columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
+    if not examples:
+        return Dataset.from_dict(columns), report
+    prompts = [format_prompt(example.problem, tokenizer) for example in examples]
+    # Without a chat template the target follows 'Answer:' after a space, as it would in running text.
+    targets = [example.solution if chat else " " + example.solution for example in examples]
+    prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
+    target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    for prompt, target in zip(prompt_ids, target_ids, strict=True):
+        if len(prompt) >= max_length:
+            report.dropped += 1
+            continue
+        target = [*target, eos]
+        if len(prompt) + len(target) > max_length:
+            report.truncated += 1
+            target = target[: max_length - len(prompt)]
+        columns["input_ids"].append(prompt + target)
+        columns["labels"].append([IGNORE_INDEX] * len(prompt) + target)
+        columns["attention_mask"].append([1] * (len(prompt) + len(target)))
+    if report.dropped == report.total:
+        raise ValueError(f"all {report.total} prompts fill max_length={max_length} tokens; raise max_length")
+    return Dataset.from_dict(columns), report
+
+
+@dataclass(frozen=True)
+class PaddingCollator:
+    """Pads features to the longest in the batch (right padding), so positions line up with the unpadded ones.
+
+    input_ids get `pad_token_id`, labels IGNORE_INDEX (padding is never trained on) and attention_mask 0.
+    """
+
+    pad_token_id: int
+
+    @classmethod
+    def from_tokenizer(cls, tokenizer) -> PaddingCollator:
+        """Pad with the tokenizer's pad token, or its eos token when it has none (masked out either way)."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+        return cls(pad)
+
+    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        if not features:
+            raise ValueError("cannot collate an empty batch")
+        width = max(len(feature["input_ids"]) for feature in features)
+        fill = {"input_ids": self.pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0}
+        batch = {name: torch.full((len(features), width), value, dtype=torch.long) for name, value in fill.items()}
+        for row, feature in enumerate(features):
+            for name, tensor in batch.items():
+                values = torch.as_tensor(feature[name], dtype=torch.long)
+                tensor[row, : len(values)] = values
+        return batch
