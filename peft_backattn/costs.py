@@ -32,20 +32,17 @@ def head_forward_flops(config: BackAttnConfig, vocab: int, hidden: int, embeddin
     if collapsed:
         if not config.is_linear:
             raise ValueError("only a linear head (raw, no activation, one head) has a collapsed form")
-        # q̃ = h M + m0, then q̃ E^T.
-        return HeadCost(base, 2 * hidden * embedding + 2 * vocab * embedding, 1 + (1 if needs_base else 0))
+        # q̃ = h M + m0, then q̃ N^T (fused with the residual add).
+        return HeadCost(base, 2 * hidden * embedding + 2 * vocab * embedding, 0)
     if config.logit_weighting == "raw":
         weighting, passes = 2 * hidden * embedding, 0  # h (W_out^T N / |V|)
     else:
-        weighting, passes = 2 * vocab * embedding, 3  # softmax(z) and (p * inv_rms) E
+        weighting, passes = 2 * vocab * embedding, 3  # softmax(z) (max, exp-sum, divide), then p N
     chain = heads * (2 * embedding * r + 2 * r * r + 2 * r * embedding)  # W_V, W_Q, W_K
-    scores = heads * 2 * vocab * embedding  # q̃ E^T per head
+    scores = heads * 2 * vocab * embedding  # q̃ N^T per head (a single head adds z in the same product)
     gate = 2 * heads * r if heads > 1 else 0  # mixture weights from the queries
-    passes += heads  # scaling by inv_rms
     if heads > 1:
-        passes += 3 * heads  # log-softmax per head and the log-sum-exp over heads
-    if config.combine == "residual":
-        passes += heads
+        passes += 4 * heads + 2  # z + s and log-softmax per head, the log-sum-exp over heads
     return HeadCost(base, weighting + chain + scores + gate, passes)
 
 

@@ -196,6 +196,28 @@ def load_examples(
     return examples
 
 
+SYNTHETIC_SOURCE = "synthetic"  # the embedded generator of arithmetic word problems (peft_backattn.synthetic)
+
+
+def load_problems(
+    source: str,
+    *,
+    fields: FieldMapping | str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    seed: int = 0,
+) -> list[MathExample]:
+    """`load_examples`, plus the embedded generator under the name 'synthetic' (`limit` problems, 1000 if None).
+
+    This is what the command line's `--data` takes: 'synthetic', a local file or a hub dataset name.
+    """
+    if source == SYNTHETIC_SOURCE:
+        from .synthetic import generate_examples
+
+        return generate_examples(limit or 1000, split=split, seed=seed)
+    return load_examples(source, fields=fields, split=split, limit=limit)
+
+
 @dataclass
 class TruncationReport:
     """How many examples `tokenize_examples` cut or dropped to fit `max_length`, so that neither happens silently."""

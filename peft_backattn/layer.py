@@ -39,10 +39,10 @@ _ROWS_PER_VOCAB_CHUNK = 8192  # rows of E processed at once when precomputing fr
 class FrozenTensors(NamedTuple):
     """What the head needs from the frozen base; depends only on base weights, so it is computed once."""
 
-    embedding: torch.Tensor  # E (V, d_e), the base's own tensor
-    inv_rms: torch.Tensor  # (V,) fp32, 1 / rms(E_v): N = diag(inv_rms) E
+    normalized: torch.Tensor  # N = diag(1 / rms(E_v)) E, (V, d_e), in E's dtype: one extra copy of E
     hidden_to_values: torch.Tensor | None  # raw mode: W_out^T N / |V|, (d_in, d_e) fp32
     bias_to_values: torch.Tensor | None  # raw mode with an output bias: b N / |V|, (d_e,) fp32
+    source: tuple  # identifies the base weights these were computed from (see `_tensor_key`)
 
 
 class _Reference:
@@ -96,8 +96,7 @@ class BackAttnHead(nn.Module):
                 mixed = mixed + frozen.bias_to_values.to(dtype)
             return mixed
         probs = torch.softmax(base_logits.float(), dim=-1)  # (n, V)
-        emb = frozen.embedding
-        return ((probs * frozen.inv_rms).to(emb.dtype) @ emb).to(dtype)  # (n, d_e)
+        return (probs.to(frozen.normalized.dtype) @ frozen.normalized).to(dtype)  # (n, d_e)
 
     def query(self, mixed: torch.Tensor) -> torch.Tensor:
         """Steps 2-4 on the value side: dot = (w N ⊙ g) W_V, Q = act(dot W_Q). Returns (n, H, r)."""
@@ -113,19 +112,26 @@ class BackAttnHead(nn.Module):
 
     @staticmethod
     def scores(q_emb: torch.Tensor, frozen: FrozenTensors) -> torch.Tensor:
-        """The one vocabulary-sized product: s = q̃ N^T = (q̃ E^T) ⊙ inv_rms. (..., d_e) -> (..., V), fp32."""
-        emb = frozen.embedding
-        return (q_emb.to(emb.dtype) @ emb.T).float() * frozen.inv_rms
+        """The vocabulary-sized product s = q̃ N^T: (..., d_e) -> (..., V), in the embeddings' dtype."""
+        normalized = frozen.normalized
+        return q_emb.to(normalized.dtype) @ normalized.T
 
-    def combine(self, scores: torch.Tensor, q: torch.Tensor, base_logits: torch.Tensor | None) -> torch.Tensor:
-        """Output logits from the heads' scores (n, H, V). fp32."""
-        residual = self.config.combine == "residual"
-        if self.gate is None:
-            s = scores[:, 0]
-            return base_logits.float() + s if residual else s
-        # Mixture of softmaxes, p = sum_h pi_h softmax(.), in log space. pi comes from each head's query.
+    def single_head_logits(
+        self, q_emb: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors
+    ) -> torch.Tensor:
+        """Logits of a one-head layer from q̃ (n, d_e): s, or z + s fused into one matrix product (no extra pass)."""
+        if self.config.combine == "replace":
+            return self.scores(q_emb, frozen)
+        normalized = frozen.normalized
+        if base_logits.dtype != normalized.dtype:
+            return base_logits + self.scores(q_emb, frozen).to(base_logits.dtype)
+        return torch.addmm(base_logits, q_emb.to(normalized.dtype), normalized.T)  # z + q̃ N^T
+
+    def mixture_logits(self, scores: torch.Tensor, q: torch.Tensor, base_logits: torch.Tensor | None) -> torch.Tensor:
+        """Log of the mixture of softmaxes sum_h pi_h softmax(.) from per-head scores (n, H, V); fp32."""
+        scores = scores.float()
         log_pi = torch.log_softmax(torch.einsum("nhr,hr->nh", q, self.gate), dim=-1)[..., None]  # (n, H, 1)
-        if not residual:
+        if self.config.combine == "replace":
             return torch.logsumexp(log_pi + torch.log_softmax(scores, dim=-1), dim=1)
         z = base_logits.float()
         mixed = torch.logsumexp(log_pi + torch.log_softmax(z[:, None] + scores, dim=-1), dim=1)
@@ -133,9 +139,12 @@ class BackAttnHead(nn.Module):
         return mixed + torch.logsumexp(z, dim=-1, keepdim=True)
 
     def forward(self, hidden: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors) -> torch.Tensor:
-        """(n, d_in) hidden states (and (n, V) base logits where needed) -> (n, V) fp32 logits."""
-        q = self.query(self.weighted_embedding(hidden, base_logits, frozen))
-        return self.combine(self.scores(self.query_in_embedding_space(q), frozen), q, base_logits)
+        """(n, d_in) hidden states (and (n, V) base logits where needed) -> (n, V) logits."""
+        q = self.query(self.weighted_embedding(hidden, base_logits, frozen))  # (n, H, r)
+        q_emb = self.query_in_embedding_space(q)  # (n, H, d_e)
+        if self.gate is None:
+            return self.single_head_logits(q_emb[:, 0], base_logits, frozen)
+        return self.mixture_logits(self.scores(q_emb, frozen), q, base_logits)
 
     # -- the collapsed form of a linear head ------------------------------------------------------------------
 
@@ -158,13 +167,12 @@ class BackAttnHead(nn.Module):
         collapsed: tuple[torch.Tensor, torch.Tensor | None],
         frozen: FrozenTensors,
     ) -> torch.Tensor:
-        """The same logits as `forward` for a linear head, from the cached collapsed map."""
+        """The same logits as `forward` for a linear head, from the cached collapsed map q̃ = h M + m0."""
         hidden_to_key, bias_to_key = collapsed
         q_emb = hidden.float() @ hidden_to_key  # (n, d_e)
         if bias_to_key is not None:
             q_emb = q_emb + bias_to_key
-        s = self.scores(q_emb, frozen)
-        return base_logits.float() + s if self.config.combine == "residual" else s
+        return self.single_head_logits(q_emb, base_logits, frozen)
 
 
 class BackAttnLayer(nn.Module, BaseTunerLayer):
@@ -229,7 +237,7 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
     # -- frozen tensors and caches ----------------------------------------------------------------------------
 
     def frozen_tensors(self, config: BackAttnConfig) -> FrozenTensors:
-        """E's inverse row norms (and, in raw mode, W_out^T N / |V|), cached until a base weight changes."""
+        """N, the row-normalised E (and, in raw mode, W_out^T N / |V|), cached until a base weight changes."""
         emb = self.embedding_weight
         out_weight = self.get_base_layer().weight
         raw = config.logit_weighting == "raw"
@@ -239,40 +247,41 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
             return cached
         self._frozen_cache = {k: v for k, v in self._frozen_cache.items() if k[:2] == key[:2]}  # drop stale
         with torch.no_grad():
-            inv_rms = torch.cat(
+            # N = diag(1 / rms(E_v)) E, row chunk by row chunk in fp32, stored in E's dtype.
+            normalized = torch.cat(
                 [
-                    torch.rsqrt(rows.float().pow(2).mean(dim=-1) + config.rms_norm_eps)
+                    (
+                        rows.float()
+                        * torch.rsqrt(rows.float().pow(2).mean(dim=-1, keepdim=True) + config.rms_norm_eps)
+                    ).to(emb.dtype)
                     for rows in emb.split(_ROWS_PER_VOCAB_CHUNK)
                 ]
             )
             hidden_to_values = bias_to_values = None
             if raw:
-                hidden_to_values, bias_to_values = self._hidden_to_values(inv_rms)
-        frozen = FrozenTensors(emb, inv_rms, hidden_to_values, bias_to_values)
+                hidden_to_values, bias_to_values = self._hidden_to_values(normalized)
+        frozen = FrozenTensors(normalized, hidden_to_values, bias_to_values, key)
         self._frozen_cache[key] = frozen
         return frozen
 
-    def _hidden_to_values(self, inv_rms: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _hidden_to_values(self, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W_out^T N / |V| (d_in, d_e) and b N / |V|, summed over vocabulary chunks in fp32."""
         base = self.get_base_layer()
         out_weight = dequantize_module_weight(base)  # (V, d_in); a plain tensor unless the layer is quantised
-        emb = self.embedding_weight
-        vocab = emb.shape[0]
-        total = torch.zeros(out_weight.shape[1], emb.shape[1], dtype=torch.float32, device=emb.device)
+        vocab = normalized.shape[0]
+        total = torch.zeros(out_weight.shape[1], normalized.shape[1], dtype=torch.float32, device=normalized.device)
         for start in range(0, vocab, _ROWS_PER_VOCAB_CHUNK):
             stop = start + _ROWS_PER_VOCAB_CHUNK
-            normed = emb[start:stop].float() * inv_rms[start:stop, None]  # N rows, (chunk, d_e)
-            total += out_weight[start:stop].float().T @ normed
+            total += out_weight[start:stop].float().T @ normalized[start:stop].float()
         bias = getattr(base, "bias", None)
-        bias_term = None
-        if bias is not None:
-            bias_term = ((bias.float() * inv_rms) @ emb.float()) / vocab
+        bias_term = None if bias is None else (bias.float() @ normalized.float()) / vocab
         return total / vocab, bias_term
 
     def _collapsed(self, adapter_name: str, frozen: FrozenTensors) -> tuple:
         """The cached collapsed map of a linear head; rebuilt whenever a head weight or base weight changes."""
         head = self.backattn_heads[adapter_name]
-        key = (tuple(_tensor_key(p) for p in head.parameters()), _tensor_key(frozen.embedding))
+        # Keyed on the live base and head tensors, never on cached ones, whose memory a rebuild may reuse.
+        key = (tuple(_tensor_key(p) for p in head.parameters()), frozen.source)
         cached = self._collapsed_cache.get(adapter_name)
         if cached is not None and cached[0] == key:
             return cached[1]
@@ -310,10 +319,13 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         collapsed = self._collapsed(adapter_name, frozen) if config.is_linear and not needs_grad else None
         # Only a mixture keeps vocabulary-sized tensors for backward; recompute those per chunk instead.
         recompute = needs_grad and head.gate is not None
-
         rows = x.reshape(-1, x.shape[-1])  # (n, d_in), n = batch * positions
+        # Softmax weights and mixtures have vocabulary-sized intermediates: bound them by chunking the positions.
+        # A raw single head has none beyond its output, so it runs all positions at once.
+        has_intermediates = config.logit_weighting == "softmax" or head.gate is not None
+        chunk_size = config.chunk_size if has_intermediates else max(1, rows.shape[0])
         chunks = []
-        for chunk in rows.split(config.chunk_size):
+        for chunk in rows.split(chunk_size):
             base_logits = self.base_layer(chunk) if needs_base_logits else None
             if collapsed is not None:
                 logits = head.collapsed_forward(chunk, base_logits, collapsed, frozen)
@@ -353,14 +365,10 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         base = self.get_base_layer()
         with torch.no_grad():
             hidden_to_key, bias_to_key = head.collapsed_map(frozen)
-            emb = frozen.embedding
-            # scores = h M N^T + m0 N^T, so the weight is N M^T = diag(inv_rms) E M^T, built in vocabulary chunks.
-            chunk = _ROWS_PER_VOCAB_CHUNK
-            row_chunks = zip(emb.split(chunk), frozen.inv_rms.split(chunk), strict=True)
-            weight = torch.cat([(rows.float() * inv[:, None]) @ hidden_to_key.T for rows, inv in row_chunks])
-            bias = None
-            if bias_to_key is not None:
-                bias = (emb.float() @ bias_to_key) * frozen.inv_rms
+            # scores = h M N^T + m0 N^T, so the weight is N M^T and the bias N m0, built in vocabulary chunks.
+            rows = frozen.normalized.split(_ROWS_PER_VOCAB_CHUNK)
+            weight = torch.cat([chunk.float() @ hidden_to_key.T for chunk in rows])
+            bias = None if bias_to_key is None else torch.cat([chunk.float() @ bias_to_key for chunk in rows])
             if head.config.combine == "residual":
                 weight = weight + dequantize_module_weight(base).float()
                 if base.bias is not None:

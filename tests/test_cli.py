@@ -1,0 +1,202 @@
+"""The command line as a user calls it: train, eval, generate, demo, multi-process training, and its errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import save_tiny_lm
+from safetensors.torch import load_file
+
+from peft_backattn.cli import build_parser, main
+
+TRAIN = ["--data", "synthetic", "--limit", "24", "--batch-size", "4", "--max-length", "128", "--no-progress"]
+HEAD_FILES = {"adapter_config.json", "adapter_model.safetensors"}
+
+
+def run_cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+def train(model_dir, output, *extra) -> int:
+    return run_cli("train", "--model", model_dir, *TRAIN, "--output", output, *extra)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_lm_dir, tmp_path_factory) -> Path:
+    """A head trained through the command line, shared by the eval and generate tests."""
+    output = tmp_path_factory.mktemp("cli") / "math_head"
+    assert train(tiny_lm_dir, output, "--steps", "4", "--save-steps", "2", "--lr", "0.01") == 0
+    return output
+
+
+def test_train_saves_only_the_head_and_checkpoints(trained):
+    assert HEAD_FILES <= {p.name for p in trained.iterdir()}
+    saved = load_file(trained / "adapter_model.safetensors")
+    assert all(".backattn_heads." in key for key in saved)
+    checkpoints = sorted(p.name for p in trained.glob("checkpoint-*"))
+    assert checkpoints == ["checkpoint-2", "checkpoint-4"]
+    for checkpoint in checkpoints:
+        assert not (trained / checkpoint / "model.safetensors").exists()
+
+
+def test_train_resumes_from_its_last_checkpoint(tiny_lm_dir, trained, tmp_path, capsys):
+    output = tmp_path / "head"
+    shutil.copytree(trained, output)
+    assert train(tiny_lm_dir, output, "--steps", "6", "--save-steps", "2", "--resume") == 0
+    assert "Trained 6 steps" in capsys.readouterr().out
+    assert (output / "checkpoint-6").is_dir()
+
+
+def test_eval_writes_every_metric_for_base_and_head(tiny_lm_dir, trained, tmp_path, capsys):
+    output = tmp_path / "results.json"
+    code = run_cli(
+        "eval", "--model", tiny_lm_dir, "--heads", trained, "--data", "synthetic", "--limit", "6",
+        "--max-new-tokens", "8", "--output", output,
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads(output.read_text())["results"]
+    assert set(results) == {"base", "math_head"}
+    for metrics in results.values():
+        assert {"perplexity", "exact_match", "mse", "rmse", "precision", "recall", "f1", "n"} <= set(metrics)
+        assert metrics["n"] == 6 and metrics["perplexity"] > 1
+    assert results["base"]["perplexity"] != results["math_head"]["perplexity"]
+    table = capsys.readouterr().out
+    assert "math_head" in table and "perplexity" in table
+
+
+def test_generate_answers_side_by_side(tiny_lm_dir, trained, tmp_path, capsys):
+    second = tmp_path / "second_head"
+    shutil.copytree(trained, second)
+    code = run_cli(
+        "generate", "--model", tiny_lm_dir, "--heads", trained, second, "--base", "--problem", "What is 2 + 3?",
+        "--max-new-tokens", "5",
+    )  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert [line for line in out.splitlines() if line.startswith("===")] == [
+        "=== base ===",
+        "=== math_head ===",
+        "=== second_head ===",
+    ]
+
+
+def test_demo_runs_end_to_end_on_a_small_base(tiny_lm_dir, tmp_path, monkeypatch, capsys):
+    from peft_backattn import demo
+
+    monkeypatch.setattr(demo, "TRAIN_PROBLEMS", 40)
+    monkeypatch.setattr(demo, "PERPLEXITY_PROBLEMS", 6)
+    monkeypatch.setattr(demo, "GENERATION_PROBLEMS", 4)
+    monkeypatch.setattr(demo, "MAX_NEW_TOKENS", 6)
+    monkeypatch.setattr(demo, "SECOND_HEAD_MINUTES", 0.02)
+    code = run_cli("demo", "--model", tiny_lm_dir, "--output-dir", tmp_path, "--train-minutes", "0.05")
+    assert code == 0
+    summary = json.loads((tmp_path / "demo_results.json").read_text())
+    assert summary["reload_max_logit_difference"] == 0.0
+    assert summary["swap_max_logit_difference"] == 0.0
+    assert set(summary["results"]) == {"base", "math"}
+    assert HEAD_FILES <= {p.name for p in (tmp_path / "math_head").iterdir()}
+    assert HEAD_FILES <= {p.name for p in (tmp_path / "short_head").iterdir()}
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_every_option_has_help_text():
+    parser = build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def assert_clean_error(capsys, expected: str) -> None:
+    """The error is one line, the last one on stderr (progress bars may come before it), with no traceback."""
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1].split("\r")[-1]
+    assert last.startswith("peft-backattn: error: "), err
+    assert "Traceback" not in err
+    assert expected in last, last
+
+
+def test_wrong_data_path(tiny_lm_dir, tmp_path, capsys):
+    output = tmp_path / "head"
+    code = run_cli("train", "--model", tiny_lm_dir, "--data", tmp_path / "missing.jsonl", "--output", output)
+    assert code == 2
+    assert_clean_error(capsys, "missing.jsonl")
+    assert not output.exists()
+
+
+def test_unknown_model(tmp_path, capsys):
+    output = tmp_path / "head"
+    assert run_cli("train", "--model", tmp_path / "no-model", *TRAIN, "--output", output) == 2
+    assert_clean_error(capsys, "pass an existing folder")
+    assert not output.exists()
+
+
+def test_dataset_without_the_needed_fields(tiny_lm_dir, tmp_path, capsys):
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"text": "hello", "label": 1}) + "\n")
+    output = tmp_path / "results.json"
+    assert run_cli("eval", "--model", tiny_lm_dir, "--data", data, "--output", output) == 2
+    assert_clean_error(capsys, "--fields")
+    assert not output.exists()
+
+
+def test_head_from_another_base(trained, tmp_path, capsys):
+    other = save_tiny_lm(tmp_path / "wider", hidden=48)
+    output = tmp_path / "results.json"
+    code = run_cli(
+        "eval", "--model", other, "--heads", trained, "--data", "synthetic", "--limit", "2", "--output", output
+    )
+    assert code == 2
+    assert_clean_error(capsys, "hidden size 32")
+    assert not output.exists()
+
+
+def test_existing_head_is_not_overwritten_silently(tiny_lm_dir, trained, capsys):
+    before = (trained / "adapter_model.safetensors").read_bytes()
+    assert train(tiny_lm_dir, trained, "--steps", "1") == 2
+    assert_clean_error(capsys, "--overwrite")
+    assert (trained / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_resume_without_a_checkpoint(tiny_lm_dir, tmp_path, capsys):
+    assert train(tiny_lm_dir, tmp_path / "fresh", "--steps", "1", "--resume") == 2
+    assert_clean_error(capsys, "no checkpoint")
+
+
+def test_four_bit_base_from_the_command_line(tiny_lm_dir, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    output = tmp_path / "head"
+    assert train(tiny_lm_dir, output, "--steps", "2", "--load-in-4bit") == 0
+    assert HEAD_FILES <= {p.name for p in output.iterdir()}
+
+
+def test_two_process_training_with_accelerate_launch(tiny_lm_dir, tmp_path):
+    launcher = shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("accelerate's launcher is not on PATH")
+    output = tmp_path / "head"
+    command = [
+        # On a machine without GPUs, --multi_gpu starts the processes with the gloo backend; --cpu would start one.
+        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "peft_backattn.cli", "train", "--model", str(tiny_lm_dir), *TRAIN,
+        "--steps", "3", "--output", str(output),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("Trained 3 steps on 2 processes") == 1  # printed by the main process only
+    assert HEAD_FILES <= {p.name for p in output.iterdir()}
+
+
+def test_module_entry_point_and_console_script():
+    result = subprocess.run([sys.executable, "-m", "peft_backattn.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "demo" in result.stdout
+    script = shutil.which("peft-backattn")
+    if script is not None:
+        assert subprocess.run([script, "--version"], capture_output=True, text=True).returncode == 0

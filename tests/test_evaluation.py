@@ -1,0 +1,116 @@
+"""Evaluation: teacher-forced perplexity, generation with one head per sample, and the metric plumbing."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import randomize_heads
+from peft import get_peft_model
+
+from peft_backattn import BackAttnConfig
+from peft_backattn.base_models import load_base_model
+from peft_backattn.data import tokenize_examples
+from peft_backattn.evaluation import (
+    evaluate,
+    evaluate_heads,
+    generate_solutions,
+    load_heads,
+    target_nll,
+    use_head,
+    write_json,
+)
+from peft_backattn.metrics import exact_match, extract_answer, mean_token_overlap, numeric_errors
+from peft_backattn.synthetic import generate_examples
+
+
+@pytest.fixture(scope="module")
+def two_heads(tiny_lm_dir):
+    base, tokenizer = load_base_model(str(tiny_lm_dir))
+    model = get_peft_model(base, BackAttnConfig(r=8), adapter_name="math")
+    model.add_adapter("code", BackAttnConfig(r=8, logit_weighting="raw"))
+    randomize_heads(model, std=1.0)
+    return model.eval(), tokenizer
+
+
+def test_target_nll_counts_only_target_tokens(two_heads):
+    model, tokenizer = two_heads
+    examples = generate_examples(5, split="test")
+    total, count = target_nll(model, tokenizer, examples, max_length=256, batch_size=2)
+    dataset, _ = tokenize_examples(examples, tokenizer, 256)
+    expected_total, expected_count = 0.0, 0
+    with torch.no_grad():
+        for row in dataset:  # one example at a time, no padding
+            ids = torch.tensor([row["input_ids"]])
+            labels = torch.tensor(row["labels"][1:])
+            logits = model(input_ids=ids).logits[0, :-1]
+            mask = labels != -100
+            expected_total += F.cross_entropy(logits[mask], labels[mask], reduction="sum").item()
+            expected_count += int(mask.sum())
+    assert count == expected_count
+    assert total == pytest.approx(expected_total, rel=1e-4)
+
+
+def test_evaluate_reports_the_metrics_of_its_own_generations(two_heads):
+    model, tokenizer = two_heads
+    examples = generate_examples(4, split="test", seed=3)
+    result = evaluate(model, tokenizer, examples, max_new_tokens=6, batch_size=4, max_length=256)
+    solutions = generate_solutions(model, tokenizer, [e.problem for e in examples], max_new_tokens=6)
+    answers = [extract_answer(s) for s in solutions]
+    overlap = mean_token_overlap(solutions, [e.solution for e in examples])
+    total, count = target_nll(model, tokenizer, examples, max_length=256)
+    assert result.perplexity == pytest.approx(math.exp(total / count))
+    assert result.exact_match == exact_match(answers, [e.answer for e in examples])
+    assert result.rmse == numeric_errors(answers, [e.answer for e in examples]).rmse
+    assert (result.precision, result.recall, result.f1) == (overlap.precision, overlap.recall, overlap.f1)
+    assert result.n == 4 and result.target_tokens == count
+
+
+def test_generation_with_one_head_per_problem_equals_each_head_on_the_batch(two_heads):
+    model, tokenizer = two_heads
+    problems = [e.problem for e in generate_examples(3, split="validation")]
+    names = ["code", "__base__", "math"]
+    mixed = generate_solutions(model, tokenizer, problems, max_new_tokens=8, adapter_names=names)
+    for i, name in enumerate(names):
+        with use_head(model, "base" if name == "__base__" else name):
+            alone = generate_solutions(model, tokenizer, problems, max_new_tokens=8)
+        assert mixed[i] == alone[i], name
+
+
+def test_use_head_restores_the_active_head_and_knows_the_heads(two_heads):
+    model, _ = two_heads
+    model.set_adapter("math")
+    with use_head(model, "code"):
+        assert model.active_adapter == "code"
+    assert model.active_adapter == "math"
+    with pytest.raises(ValueError, match=r"Unknown head 'poetry'; known heads: \['code', 'math'\]"):
+        with use_head(model, "poetry"):
+            pass
+
+
+def test_evaluate_heads_names_results_by_head(two_heads):
+    model, tokenizer = two_heads
+    results = evaluate_heads(model, tokenizer, generate_examples(2), ["base", "math"], max_new_tokens=4)
+    assert list(results) == ["base", "math"]
+    assert results["base"].perplexity != results["math"].perplexity
+
+
+def test_load_heads_names_heads_after_their_folders(tiny_lm_dir, two_heads, tmp_path):
+    model, _ = two_heads
+    model.save_pretrained(tmp_path / "saved")  # 'math' and 'code' land in sub-folders
+    base, _ = load_base_model(str(tiny_lm_dir))
+    loaded, names = load_heads(base, [tmp_path / "saved" / "math", tmp_path / "saved" / "code"])
+    assert names == ["math", "code"] and set(loaded.peft_config) == {"math", "code"}
+    with pytest.raises(ValueError, match="No head at .*nothing"):
+        load_heads(load_base_model(str(tiny_lm_dir))[0], [tmp_path / "nothing"])
+
+
+def test_write_json_replaces_the_file_in_one_step(tmp_path):
+    path = tmp_path / "out" / "results.json"
+    write_json(path, {"a": 1})
+    write_json(path, {"a": 2})
+    assert json.loads(path.read_text()) == {"a": 2}
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]
