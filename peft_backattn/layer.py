@@ -119,13 +119,16 @@ class BackAttnHead(nn.Module):
     def single_head_logits(
         self, q_emb: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors
     ) -> torch.Tensor:
-        """Logits of a one-head layer from q̃ (n, d_e): s, or z + s fused into one matrix product (no extra pass)."""
+        """Logits of a one-head layer from q̃ (n, d_e): s = q̃ N^T, or z + s written into `base_logits` in place.
+
+        Adding in place is safe: nothing keeps the base logits for backward, and it saves a logits-sized tensor.
+        """
         if self.config.combine == "replace":
             return self.scores(q_emb, frozen)
         normalized = frozen.normalized
         if base_logits.dtype != normalized.dtype:
-            return base_logits + self.scores(q_emb, frozen).to(base_logits.dtype)
-        return torch.addmm(base_logits, q_emb.to(normalized.dtype), normalized.T)  # z + q̃ N^T
+            return base_logits.add_(self.scores(q_emb, frozen).to(base_logits.dtype))
+        return base_logits.addmm_(q_emb.to(normalized.dtype), normalized.T)  # z += q̃ N^T, one fused product
 
     def mixture_logits(self, scores: torch.Tensor, q: torch.Tensor, base_logits: torch.Tensor | None) -> torch.Tensor:
         """Log of the mixture of softmaxes sum_h pi_h softmax(.) from per-head scores (n, H, V); fp32."""
@@ -310,33 +313,52 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         return self.head_forward(self.active_adapters[0], x)
 
     def head_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """Logits of head `adapter_name` for hidden states x (..., d_in), computed in chunks of positions."""
+        """Logits of head `adapter_name` for hidden states x (..., d_in), with bounded extra memory.
+
+        A single residual head adds its scores into the base logits, which are the output buffer. Other heads fill
+        a new output buffer chunk by chunk. Softmax weights and mixtures have vocabulary-sized intermediates, so
+        they run `chunk_size` positions at a time; a raw single head has none and runs all positions at once.
+        """
         head = self.backattn_heads[adapter_name]
         config = head.config
         frozen = self.frozen_tensors(config)
-        needs_base_logits = config.combine == "residual" or config.logit_weighting == "softmax"
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
         collapsed = self._collapsed(adapter_name, frozen) if config.is_linear and not needs_grad else None
         # Only a mixture keeps vocabulary-sized tensors for backward; recompute those per chunk instead.
         recompute = needs_grad and head.gate is not None
+
         rows = x.reshape(-1, x.shape[-1])  # (n, d_in), n = batch * positions
-        # Softmax weights and mixtures have vocabulary-sized intermediates: bound them by chunking the positions.
-        # A raw single head has none beyond its output, so it runs all positions at once.
+        total = rows.shape[0]
+        in_place = config.combine == "residual" and head.gate is None
+        all_base_logits = self.base_layer(rows) if in_place else None  # (n, V), becomes the output
+        per_chunk_base_logits = not in_place and (config.combine == "residual" or config.logit_weighting == "softmax")
         has_intermediates = config.logit_weighting == "softmax" or head.gate is not None
-        chunk_size = config.chunk_size if has_intermediates else max(1, rows.shape[0])
-        chunks = []
-        for chunk in rows.split(chunk_size):
-            base_logits = self.base_layer(chunk) if needs_base_logits else None
+        chunk_size = config.chunk_size if has_intermediates else max(1, total)
+
+        out = all_base_logits
+        for start in range(0, total, chunk_size):
+            stop = min(start + chunk_size, total)
+            chunk = rows[start:stop]
+            if in_place:
+                base_logits = all_base_logits[start:stop]
+            else:
+                base_logits = self.base_layer(chunk) if per_chunk_base_logits else None
             if collapsed is not None:
                 logits = head.collapsed_forward(chunk, base_logits, collapsed, frozen)
             elif recompute:
                 logits = checkpoint(head, chunk, base_logits, frozen, use_reentrant=False)
             else:
                 logits = head(chunk, base_logits, frozen)
-            out_dtype = base_logits.dtype if base_logits is not None else x.dtype
-            chunks.append(logits.to(out_dtype))
-        logits = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-        return logits.reshape(*x.shape[:-1], logits.shape[-1])
+            if in_place:
+                continue  # already written into the output
+            dtype = base_logits.dtype if base_logits is not None else x.dtype
+            if stop - start == total:
+                out = logits.to(dtype)
+                break
+            if out is None:
+                out = logits.new_empty((total, logits.shape[-1]), dtype=dtype)
+            out[start:stop] = logits
+        return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """Run head adapter_names[i] on sample i ('__base__': the base layer); equal to running each alone."""
