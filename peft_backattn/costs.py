@@ -51,14 +51,15 @@ def head_backward_flops(config: BackAttnConfig, vocab: int, hidden: int, embeddi
 
     Each product of the chain W_V, W_Q, W_K costs two products backward (input and weight gradients); the
     expensive term is the gradient of the scores with respect to q̃, one (V x d_e) product per head. The weighting
-    w N needs no gradient (it depends on the frozen base only). A mixture recomputes its forward in backward.
+    w N needs no gradient (it depends on the frozen base only). A mixture recomputes its scores in backward.
     """
     heads, r = config.num_heads, config.r
     scores_grad = heads * 2 * vocab * embedding
     chain_grads = heads * 2 * (2 * embedding * r + 2 * r * r + 2 * r * embedding)
     if heads > 1:
         chain_grads += 2 * (2 * heads * r)  # the gate
-    recompute = head_forward_flops(config, vocab, hidden, embedding, collapsed=False).head_products if heads > 1 else 0
+    # A mixture recomputes each chunk's scores and gate (not the small chain before them) during backward.
+    recompute = heads * 2 * vocab * embedding + 2 * heads * r if heads > 1 else 0
     return scores_grad + chain_grads + recompute
 
 

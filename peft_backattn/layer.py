@@ -85,9 +85,18 @@ class BackAttnHead(nn.Module):
     # -- the five steps, in the cheap association -------------------------------------------------------------
 
     def weighted_embedding(
-        self, hidden: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors
+        self,
+        hidden: torch.Tensor,
+        base_logits: torch.Tensor | None,
+        frozen: FrozenTensors,
+        base_layer: nn.Module | None = None,
     ) -> torch.Tensor:
-        """w N for each row: the logit-weighted sum of normalised embeddings, (n, d_e), before g and W_V."""
+        """w N for each row: the logit-weighted sum of normalised embeddings, (n, d_e), before g and W_V.
+
+        It depends on the frozen base only, so it needs no gradient. In softmax mode the probabilities are
+        vocabulary-sized, so they are formed `chunk_size` rows at a time (from `base_logits`, or from
+        `base_layer` when the caller has no base logits to keep).
+        """
         dtype = self.norm_scale.dtype
         if self.config.logit_weighting == "raw":
             # z N / |V| = h (W_out^T N) / |V| + b N / |V|: no vocabulary-sized product at all.
@@ -95,8 +104,15 @@ class BackAttnHead(nn.Module):
             if frozen.bias_to_values is not None:
                 mixed = mixed + frozen.bias_to_values.to(dtype)
             return mixed
-        probs = torch.softmax(base_logits.float(), dim=-1)  # (n, V)
-        return (probs.to(frozen.normalized.dtype) @ frozen.normalized).to(dtype)  # (n, d_e)
+        normalized = frozen.normalized
+        parts = []
+        with torch.no_grad():
+            for start in range(0, hidden.shape[0], self.config.chunk_size):
+                stop = start + self.config.chunk_size
+                z = base_logits[start:stop] if base_logits is not None else base_layer(hidden[start:stop])
+                probs = torch.softmax(z.float(), dim=-1)  # (chunk, V)
+                parts.append(probs.to(normalized.dtype) @ normalized)  # (chunk, d_e)
+        return torch.cat(parts).to(dtype)
 
     def query(self, mixed: torch.Tensor) -> torch.Tensor:
         """Steps 2-4 on the value side: dot = (w N ⊙ g) W_V, Q = act(dot W_Q). Returns (n, H, r)."""
@@ -130,10 +146,30 @@ class BackAttnHead(nn.Module):
             return base_logits.add_(self.scores(q_emb, frozen).to(base_logits.dtype))
         return base_logits.addmm_(q_emb.to(normalized.dtype), normalized.T)  # z += q̃ N^T, one fused product
 
-    def mixture_logits(self, scores: torch.Tensor, q: torch.Tensor, base_logits: torch.Tensor | None) -> torch.Tensor:
-        """Log of the mixture of softmaxes sum_h pi_h softmax(.) from per-head scores (n, H, V); fp32."""
-        scores = scores.float()
-        log_pi = torch.log_softmax(torch.einsum("nhr,hr->nh", q, self.gate), dim=-1)[..., None]  # (n, H, 1)
+    def mixture_logits(
+        self, q_emb: torch.Tensor, q: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors
+    ) -> torch.Tensor:
+        """Log of the mixture of softmaxes sum_h pi_h softmax(.), `chunk_size` rows at a time; fp32.
+
+        Each chunk's per-head scores (chunk, H, V) are the vocabulary-sized intermediates: in training they are
+        recomputed during backward instead of kept.
+        """
+        recompute = torch.is_grad_enabled() and q.requires_grad
+        pieces = []
+        for start in range(0, q.shape[0], self.config.chunk_size):
+            rows = slice(start, start + self.config.chunk_size)
+            args = (q_emb[rows], q[rows], None if base_logits is None else base_logits[rows], frozen)
+            if recompute:
+                pieces.append(checkpoint(self._mixture_chunk, *args, use_reentrant=False))
+            else:
+                pieces.append(self._mixture_chunk(*args))
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def _mixture_chunk(
+        self, q_emb: torch.Tensor, q: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors
+    ) -> torch.Tensor:
+        scores = self.scores(q_emb, frozen).float()  # (chunk, H, V)
+        log_pi = torch.log_softmax(torch.einsum("nhr,hr->nh", q, self.gate), dim=-1)[..., None]  # (chunk, H, 1)
         if self.config.combine == "replace":
             return torch.logsumexp(log_pi + torch.log_softmax(scores, dim=-1), dim=1)
         z = base_logits.float()
@@ -141,13 +177,20 @@ class BackAttnHead(nn.Module):
         # + logsumexp(z): the same distribution, but logits equal z exactly when all scores are zero.
         return mixed + torch.logsumexp(z, dim=-1, keepdim=True)
 
-    def forward(self, hidden: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors) -> torch.Tensor:
-        """(n, d_in) hidden states (and (n, V) base logits where needed) -> (n, V) logits."""
-        q = self.query(self.weighted_embedding(hidden, base_logits, frozen))  # (n, H, r)
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        base_logits: torch.Tensor | None,
+        frozen: FrozenTensors,
+        base_layer: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """(n, d_in) hidden states -> (n, V) logits. `base_logits` (n, V) are needed by residual heads (a single
+        residual head adds into them in place); softmax weighting without them calls `base_layer` per chunk."""
+        q = self.query(self.weighted_embedding(hidden, base_logits, frozen, base_layer))  # (n, H, r)
         q_emb = self.query_in_embedding_space(q)  # (n, H, d_e)
         if self.gate is None:
             return self.single_head_logits(q_emb[:, 0], base_logits, frozen)
-        return self.mixture_logits(self.scores(q_emb, frozen), q, base_logits)
+        return self.mixture_logits(q_emb, q, base_logits, frozen)
 
     # -- the collapsed form of a linear head ------------------------------------------------------------------
 
@@ -315,50 +358,22 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
     def head_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """Logits of head `adapter_name` for hidden states x (..., d_in), with bounded extra memory.
 
-        A single residual head adds its scores into the base logits, which are the output buffer. Other heads fill
-        a new output buffer chunk by chunk. Softmax weights and mixtures have vocabulary-sized intermediates, so
-        they run `chunk_size` positions at a time; a raw single head has none and runs all positions at once.
+        Residual heads need the base logits of every position; a single one adds its scores into them, so they
+        are the output buffer. Vocabulary-sized intermediates (softmax weights, a mixture's per-head scores) are
+        formed `chunk_size` positions at a time.
         """
         head = self.backattn_heads[adapter_name]
         config = head.config
         frozen = self.frozen_tensors(config)
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
-        collapsed = self._collapsed(adapter_name, frozen) if config.is_linear and not needs_grad else None
-        # Only a mixture keeps vocabulary-sized tensors for backward; recompute those per chunk instead.
-        recompute = needs_grad and head.gate is not None
-
         rows = x.reshape(-1, x.shape[-1])  # (n, d_in), n = batch * positions
-        total = rows.shape[0]
-        in_place = config.combine == "residual" and head.gate is None
-        all_base_logits = self.base_layer(rows) if in_place else None  # (n, V), becomes the output
-        per_chunk_base_logits = not in_place and (config.combine == "residual" or config.logit_weighting == "softmax")
-        has_intermediates = config.logit_weighting == "softmax" or head.gate is not None
-        chunk_size = config.chunk_size if has_intermediates else max(1, total)
-
-        out = all_base_logits
-        for start in range(0, total, chunk_size):
-            stop = min(start + chunk_size, total)
-            chunk = rows[start:stop]
-            if in_place:
-                base_logits = all_base_logits[start:stop]
-            else:
-                base_logits = self.base_layer(chunk) if per_chunk_base_logits else None
-            if collapsed is not None:
-                logits = head.collapsed_forward(chunk, base_logits, collapsed, frozen)
-            elif recompute:
-                logits = checkpoint(head, chunk, base_logits, frozen, use_reentrant=False)
-            else:
-                logits = head(chunk, base_logits, frozen)
-            if in_place:
-                continue  # already written into the output
-            dtype = base_logits.dtype if base_logits is not None else x.dtype
-            if stop - start == total:
-                out = logits.to(dtype)
-                break
-            if out is None:
-                out = logits.new_empty((total, logits.shape[-1]), dtype=dtype)
-            out[start:stop] = logits
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        base_logits = self.base_layer(rows) if config.combine == "residual" else None  # (n, V)
+        if config.is_linear and not needs_grad:
+            logits = head.collapsed_forward(rows, base_logits, self._collapsed(adapter_name, frozen), frozen)
+        else:
+            logits = head(rows, base_logits, frozen, base_layer=self.base_layer)
+        dtype = base_logits.dtype if base_logits is not None else x.dtype
+        return logits.to(dtype).reshape(*x.shape[:-1], logits.shape[-1])
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """Run head adapter_names[i] on sample i ('__base__': the base layer); equal to running each alone."""
