@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
             "openmathinstruct2, gsm8k, math500 (default: detected from the columns)",
         )
         sub.add_argument("--split", default=split, help=f"split of a hub dataset or of 'synthetic' (default {split})")
+        sub.add_argument(
+            "--subset", help="configuration of a hub dataset that has several, e.g. 'main' for openai/gsm8k"
+        )
         sub.add_argument("--limit", type=int, help="use the first N examples (synthetic: generate N; default 1000)")
         sub.add_argument("--seed", type=int, default=0, help="seed of the generator, shuffling and head init")
 
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(evaluate, split="test")
     evaluate.add_argument("--heads", nargs="*", default=[], help="head folders to evaluate (named after them)")
     evaluate.add_argument("--no-base", action="store_true", help="do not evaluate the base without a head")
-    evaluate.add_argument("--generate-limit", type=int, help="score generations on the first N problems only")
+    evaluate.add_argument("--generation-limit", type=int, help="score generations on the first N problems only")
     evaluate.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per problem")
     evaluate.add_argument("--batch-size", type=int, default=8, help="problems per batch")
     evaluate.add_argument("--max-length", type=int, default=512, help="tokens per example for perplexity")
@@ -150,9 +153,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from transformers import set_seed
+
     from .base_models import load_base_model
     from .config import BackAttnConfig
-    from .data import load_problems
     from .training import TrainingOptions, attach_head, train_head
 
     output = Path(args.output)
@@ -160,8 +164,9 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
     head_kwargs = {name: getattr(args, name) for name in HEAD_OPTIONS if getattr(args, name) is not None}
     config = BackAttnConfig(**head_kwargs)
-    examples = load_problems(args.data, fields=args.fields, split=args.split, limit=args.limit, seed=args.seed)
+    examples = _load_data(args)
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
+    set_seed(args.seed)  # the head's initial weights
     model = attach_head(base, config)
     options = TrainingOptions(
         output_dir=str(output),
@@ -190,18 +195,17 @@ def _train(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> int:
     from .base_models import load_base_model
-    from .data import load_problems
     from .evaluation import BASE_NAME, evaluate, evaluate_heads, format_table, load_heads, write_json
 
     if args.no_base and not args.heads:
         raise ValueError("Nothing to evaluate: --no-base without --heads.")
-    examples = load_problems(args.data, fields=args.fields, split=args.split, limit=args.limit, seed=args.seed)
+    examples = _load_data(args)
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
     settings = dict(
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
         max_length=args.max_length,
-        generation_limit=args.generate_limit,
+        generation_limit=args.generation_limit,
     )
     if args.heads:
         model, names = load_heads(base, args.heads)
@@ -209,6 +213,11 @@ def _eval(args: argparse.Namespace) -> int:
     else:
         results = {BASE_NAME: evaluate(base, tokenizer, examples, **settings)}
     print(format_table(results))
+    cut = next(iter(results.values())).truncated
+    if cut:
+        print(
+            f"{cut} of {len(examples)} examples were cut to --max-length {args.max_length} tokens for the perplexity"
+        )
     if args.output:
         payload = {
             "model": args.model,
@@ -258,6 +267,14 @@ def _demo(args: argparse.Namespace) -> int:
 
     run_demo(output_dir=args.output_dir, train_minutes=args.train_minutes, seed=args.seed, model_name=args.model)
     return 0
+
+
+def _load_data(args: argparse.Namespace) -> list:
+    from .data import load_problems
+
+    return load_problems(
+        args.data, fields=args.fields, split=args.split, limit=args.limit, seed=args.seed, subset=args.subset
+    )
 
 
 def _loss(value: float | None) -> str:

@@ -85,8 +85,9 @@ class BackAttnConfig(PeftConfig):
         default=512,
         metadata={
             "help": (
-                "Number of token positions processed at once. Bounds the memory of the vocabulary-sized "
-                "intermediates (base probabilities, per-head scores) to chunk_size x vocab_size per tensor."
+                "Number of token positions processed at once where the head has vocabulary-sized intermediates "
+                "(softmax weights: chunk_size x vocab; a mixture takes chunk_size / num_heads positions per chunk). "
+                "A raw single head has none and ignores it."
             )
         },
     )

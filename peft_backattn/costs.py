@@ -42,7 +42,7 @@ def head_forward_flops(config: BackAttnConfig, vocab: int, hidden: int, embeddin
     scores = heads * 2 * vocab * embedding  # q̃ N^T per head (a single head adds z in the same product)
     gate = 2 * heads * r if heads > 1 else 0  # mixture weights from the queries
     if heads > 1:
-        passes += 4 * heads + 2  # z + s and log-softmax per head, the log-sum-exp over heads
+        passes += 9 * heads + 2  # per head: z + s, log-softmax, + log pi, log-add-exp; then + logsumexp(z)
     return HeadCost(base, weighting + chain + scores + gate, passes)
 
 

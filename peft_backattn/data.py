@@ -135,12 +135,14 @@ def _resolve_fields(fields: FieldMapping | str | None, columns: Sequence[str]) -
     return SCHEMAS[fields]
 
 
-def _open_rows(source: str, split: str, streaming: bool | None) -> Dataset | IterableDataset:
+def _open_rows(
+    source: str, split: str, streaming: bool | None, subset: str | None = None
+) -> Dataset | IterableDataset:
     """A `datasets` dataset for a local file or a hub name; hub data is streamed unless `streaming` is False."""
     path = os.path.expanduser(source)
     looks_local = os.path.exists(path) or source.startswith(("/", ".", "~")) or _FILE_EXTENSION.search(source)
     if not looks_local:
-        return load_dataset(source, split=split, streaming=True if streaming is None else streaming)
+        return load_dataset(source, name=subset, split=split, streaming=True if streaming is None else streaming)
     if not os.path.exists(path):
         raise ValueError(
             f"{source} does not exist; pass an existing .jsonl, .json or .parquet file or a Hugging Face dataset name"
@@ -161,16 +163,18 @@ def load_examples(
     split: str = "train",
     limit: int | None = None,
     streaming: bool | None = None,
+    subset: str | None = None,
 ) -> list[MathExample]:
     """The first `limit` examples (all when None) of a local .jsonl/.json/.parquet file or a hub dataset.
 
     `fields` is a FieldMapping, a SCHEMAS key, a 'problem=...,solution=...' string, or None to detect the schema from
-    the columns. `split` applies to hub datasets only. Hub datasets stream by default, so that taking the first rows
+    the columns. `split` and `subset` (a hub dataset's configuration, e.g. 'main' for openai/gsm8k) apply to hub
+    datasets only. Hub datasets stream by default, so that taking the first rows
     of a split with millions of them (OpenMathInstruct-2) never downloads the whole split.
     """
     if limit is not None and (not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be a positive number of examples or None, got {limit!r}")
-    dataset = _open_rows(source, split, streaming)
+    dataset = _open_rows(source, split, streaming, subset)
     rows = iter(dataset)
     columns = dataset.column_names
     if columns is None:  # a streamed dataset may learn its columns only from its first row
@@ -206,6 +210,7 @@ def load_problems(
     split: str = "train",
     limit: int | None = None,
     seed: int = 0,
+    subset: str | None = None,
 ) -> list[MathExample]:
     """`load_examples`, plus the embedded generator under the name 'synthetic' (`limit` problems, 1000 if None).
 
@@ -215,7 +220,7 @@ def load_problems(
         from .synthetic import generate_examples
 
         return generate_examples(limit or 1000, split=split, seed=seed)
-    return load_examples(source, fields=fields, split=split, limit=limit)
+    return load_examples(source, fields=fields, split=split, limit=limit, subset=subset)
 
 
 @dataclass
@@ -232,6 +237,12 @@ class TruncationReport:
             f"{self.truncated} of {self.total} examples truncated to {self.max_length} tokens, "
             f"{self.dropped} dropped (prompt too long)"
         )
+
+
+def prompt_adds_special_tokens(tokenizer) -> bool:
+    """Whether prompts get the tokenizer's special tokens (e.g. BOS): only without a chat template, which writes its
+    own. Training, perplexity and generation all encode prompts by this one rule."""
+    return not getattr(tokenizer, "chat_template", None)
 
 
 def format_prompt(problem: str, tokenizer) -> str:
@@ -264,7 +275,7 @@ def tokenize_examples(examples: Sequence[MathExample], tokenizer, max_length: in
     prompts = [format_prompt(example.problem, tokenizer) for example in examples]
     # Without a chat template the target follows 'Answer:' after a space, as it would in running text.
     targets = [example.solution if chat else " " + example.solution for example in examples]
-    prompt_ids = tokenizer(prompts, add_special_tokens=not chat)["input_ids"]
+    prompt_ids = tokenizer(prompts, add_special_tokens=prompt_adds_special_tokens(tokenizer))["input_ids"]
     target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
     for prompt, target in zip(prompt_ids, target_ids, strict=True):
         if len(prompt) >= max_length:

@@ -21,10 +21,18 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .data import MathExample, PaddingCollator, format_prompt, tokenize_examples
+from .data import (
+    MathExample,
+    PaddingCollator,
+    TruncationReport,
+    format_prompt,
+    prompt_adds_special_tokens,
+    tokenize_examples,
+)
+from .layer import BASE_ADAPTER_NAME
 from .metrics import exact_match, extract_answer, mean_token_overlap, numeric_errors, perplexity
 
-BASE_NAME = "base"  # how results name the frozen base without a head
+BASE_NAME = "base"  # how results name the frozen base without a head (use_head also takes "__base__")
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,8 @@ class EvalResult:
     n: int  # problems whose generations were scored
     target_tokens: int  # tokens behind the perplexity
     numeric_pairs: int  # answer pairs behind MSE/RMSE
+    unparsed_answers: int  # generations with no numeric answer where the reference has one (not in MSE/RMSE)
+    truncated: int  # examples cut to max_length for the perplexity (counted, never silent)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,9 +64,9 @@ def target_nll(
     *,
     max_length: int = 512,
     batch_size: int = 8,
-) -> tuple[float, int]:
-    """Summed negative log-likelihood (nats) of the target tokens, and their count, with teacher forcing."""
-    dataset, _ = tokenize_examples(examples, tokenizer, max_length)
+) -> tuple[float, int, TruncationReport]:
+    """Summed negative log-likelihood (nats) of the target tokens, their count, and what truncation did."""
+    dataset, report = tokenize_examples(examples, tokenizer, max_length)
     collate = PaddingCollator.from_tokenizer(tokenizer)
     device = _device(model)
     total_nll, total_tokens = 0.0, 0
@@ -68,7 +78,7 @@ def target_nll(
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
         total_nll += nll.item()
         total_tokens += int((labels != -100).sum())
-    return total_nll, total_tokens
+    return total_nll, total_tokens, report
 
 
 @torch.no_grad()
@@ -91,7 +101,9 @@ def generate_solutions(
     with _left_padding(tokenizer):
         for start in range(0, len(problems), batch_size):
             prompts = [format_prompt(p, tokenizer) for p in problems[start : start + batch_size]]
-            encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            encoded = tokenizer(
+                prompts, return_tensors="pt", padding=True, add_special_tokens=prompt_adds_special_tokens(tokenizer)
+            ).to(device)
             kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=_pad_id(tokenizer), **generation_kwargs)
             kwargs.setdefault("do_sample", False)
             if adapter_names is not None:
@@ -116,7 +128,9 @@ def evaluate(
 
     Perplexity covers every example; generation (the slow part) covers the first `generation_limit` of them.
     """
-    total_nll, total_tokens = target_nll(model, tokenizer, examples, max_length=max_length, batch_size=batch_size)
+    total_nll, total_tokens, truncation = target_nll(
+        model, tokenizer, examples, max_length=max_length, batch_size=batch_size
+    )
     scored = list(examples[:generation_limit]) if generation_limit is not None else list(examples)
     solutions = generate_solutions(
         model, tokenizer, [e.problem for e in scored], max_new_tokens=max_new_tokens, batch_size=batch_size
@@ -136,6 +150,8 @@ def evaluate(
         n=len(scored),
         target_tokens=total_tokens,
         numeric_pairs=errors.n,
+        unparsed_answers=errors.n_unparsed,
+        truncated=truncation.truncated + truncation.dropped,
     )
 
 
@@ -178,8 +194,8 @@ def load_heads(base: PreTrainedModel, head_dirs: Sequence[str | os.PathLike]) ->
 
 @contextmanager
 def use_head(model: PeftModel, name: str) -> Iterator[None]:
-    """Run `model` with head `name` ('base': no head), restoring the active head afterwards."""
-    if name == BASE_NAME:
+    """Run `model` with head `name` ('base' or '__base__': no head), restoring the active head afterwards."""
+    if name in (BASE_NAME, BASE_ADAPTER_NAME):
         with model.disable_adapter():
             yield
         return

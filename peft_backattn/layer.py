@@ -130,7 +130,9 @@ class BackAttnHead(nn.Module):
     def scores(q_emb: torch.Tensor, frozen: FrozenTensors) -> torch.Tensor:
         """The vocabulary-sized product s = q̃ N^T: (..., d_e) -> (..., V), in the embeddings' dtype."""
         normalized = frozen.normalized
-        return q_emb.to(normalized.dtype) @ normalized.T
+        # One (rows x d_e) @ (d_e x V) product: a (n, H, d_e) @ (d_e, V) matmul would run as n tiny batched ones.
+        flat = q_emb.reshape(-1, q_emb.shape[-1]).to(normalized.dtype)
+        return (flat @ normalized.T).reshape(*q_emb.shape[:-1], normalized.shape[0])
 
     def single_head_logits(
         self, q_emb: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors
@@ -147,35 +149,60 @@ class BackAttnHead(nn.Module):
         return base_logits.addmm_(q_emb.to(normalized.dtype), normalized.T)  # z += q̃ N^T, one fused product
 
     def mixture_logits(
-        self, q_emb: torch.Tensor, q: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors
+        self,
+        hidden: torch.Tensor,
+        q_emb: torch.Tensor,
+        q: torch.Tensor,
+        base_logits: torch.Tensor | None,
+        frozen: FrozenTensors,
+        base_layer: nn.Module,
     ) -> torch.Tensor:
-        """Log of the mixture of softmaxes sum_h pi_h softmax(.), `chunk_size` rows at a time; fp32.
+        """Log of the mixture of softmaxes sum_h pi_h softmax(.), chunk by chunk; fp32.
 
-        Each chunk's per-head scores (chunk, H, V) are the vocabulary-sized intermediates: in training they are
-        recomputed during backward instead of kept.
+        A chunk holds chunk_size / H positions, so that its H vocabulary-sized score vectors per position stay
+        within the same bound as one head's; residual mixtures take the chunk's base logits from `base_logits`, or
+        compute them on the spot. In
+        training each chunk is recomputed during backward instead of kept, and the chunks are concatenated; in
+        evaluation they are written into one output buffer.
         """
+        total = q.shape[0]
         recompute = torch.is_grad_enabled() and q.requires_grad
-        pieces = []
-        for start in range(0, q.shape[0], self.config.chunk_size):
-            rows = slice(start, start + self.config.chunk_size)
-            args = (q_emb[rows], q[rows], None if base_logits is None else base_logits[rows], frozen)
+        rows_per_chunk = max(1, self.config.chunk_size // self.config.num_heads)
+        pieces, out = [], None
+        for start in range(0, total, rows_per_chunk):
+            rows = slice(start, start + rows_per_chunk)
+            z = None
+            if self.config.combine == "residual":
+                z = base_logits[rows] if base_logits is not None else base_layer(hidden[rows])
+            args = (q_emb[rows], q[rows], z, frozen)
             if recompute:
                 pieces.append(checkpoint(self._mixture_chunk, *args, use_reentrant=False))
-            else:
-                pieces.append(self._mixture_chunk(*args))
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+                continue
+            piece = self._mixture_chunk(*args)
+            if rows_per_chunk >= total:
+                return piece
+            if out is None:
+                out = piece.new_empty((total, piece.shape[-1]))
+            out[rows] = piece
+        return torch.cat(pieces) if recompute else out
 
     def _mixture_chunk(
         self, q_emb: torch.Tensor, q: torch.Tensor, base_logits: torch.Tensor | None, frozen: FrozenTensors
     ) -> torch.Tensor:
-        scores = self.scores(q_emb, frozen).float()  # (chunk, H, V)
-        log_pi = torch.log_softmax(torch.einsum("nhr,hr->nh", q, self.gate), dim=-1)[..., None]  # (chunk, H, 1)
-        if self.config.combine == "replace":
-            return torch.logsumexp(log_pi + torch.log_softmax(scores, dim=-1), dim=1)
-        z = base_logits.float()
-        mixed = torch.logsumexp(log_pi + torch.log_softmax(z[:, None] + scores, dim=-1), dim=1)
+        """One chunk of the mixture, one head at a time: log p = logaddexp_h(log pi_h + log_softmax(s_h (+ z)))."""
+        log_pi = torch.log_softmax(torch.einsum("nhr,hr->nh", q, self.gate), dim=-1)  # (chunk, H)
+        z = None if base_logits is None else base_logits.float()
+        log_p = None
+        for h in range(self.config.num_heads):
+            s = self.scores(q_emb[:, h], frozen).float()  # (chunk, V)
+            if z is not None:
+                s = s + z
+            term = torch.log_softmax(s, dim=-1) + log_pi[:, h, None]
+            log_p = term if log_p is None else torch.logaddexp(log_p, term)
+        if z is None:
+            return log_p
         # + logsumexp(z): the same distribution, but logits equal z exactly when all scores are zero.
-        return mixed + torch.logsumexp(z, dim=-1, keepdim=True)
+        return log_p + torch.logsumexp(z, dim=-1, keepdim=True)
 
     def forward(
         self,
@@ -184,13 +211,16 @@ class BackAttnHead(nn.Module):
         frozen: FrozenTensors,
         base_layer: nn.Module | None = None,
     ) -> torch.Tensor:
-        """(n, d_in) hidden states -> (n, V) logits. `base_logits` (n, V) are needed by residual heads (a single
-        residual head adds into them in place); softmax weighting without them calls `base_layer` per chunk."""
+        """(n, d_in) hidden states -> (n, V) logits.
+
+        A single residual head needs `base_logits` (n, V) and adds into them in place. Where they are not given,
+        the base logits are formed chunk by chunk from `base_layer` as needed (softmax weights, residual mixtures).
+        """
         q = self.query(self.weighted_embedding(hidden, base_logits, frozen, base_layer))  # (n, H, r)
         q_emb = self.query_in_embedding_space(q)  # (n, H, d_e)
         if self.gate is None:
             return self.single_head_logits(q_emb[:, 0], base_logits, frozen)
-        return self.mixture_logits(q_emb, q, base_logits, frozen)
+        return self.mixture_logits(hidden, q_emb, q, base_logits, frozen, base_layer)
 
     # -- the collapsed form of a linear head ------------------------------------------------------------------
 
@@ -358,22 +388,25 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
     def head_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
         """Logits of head `adapter_name` for hidden states x (..., d_in), with bounded extra memory.
 
-        Residual heads need the base logits of every position; a single one adds its scores into them, so they
-        are the output buffer. Vocabulary-sized intermediates (softmax weights, a mixture's per-head scores) are
-        formed `chunk_size` positions at a time.
+        A single residual head adds its scores into the base logits of every position, which are the output
+        buffer. Vocabulary-sized intermediates (softmax weights, a mixture's per-head scores and base logits) are
+        formed `chunk_size` positions at a time. The logits come back in the hidden states' dtype.
         """
         head = self.backattn_heads[adapter_name]
         config = head.config
         frozen = self.frozen_tensors(config)
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
         rows = x.reshape(-1, x.shape[-1])  # (n, d_in), n = batch * positions
-        base_logits = self.base_layer(rows) if config.combine == "residual" else None  # (n, V)
+        # A single residual head adds into the base logits (the output buffer). A softmax-weighted residual
+        # mixture reads them twice (weights, then the mixture), so it keeps them rather than computing them twice.
+        residual = config.combine == "residual"
+        keep_base_logits = residual and (head.gate is None or config.logit_weighting == "softmax")
+        base_logits = self.base_layer(rows) if keep_base_logits else None  # (n, V)
         if config.is_linear and not needs_grad:
             logits = head.collapsed_forward(rows, base_logits, self._collapsed(adapter_name, frozen), frozen)
         else:
             logits = head(rows, base_logits, frozen, base_layer=self.base_layer)
-        dtype = base_logits.dtype if base_logits is not None else x.dtype
-        return logits.to(dtype).reshape(*x.shape[:-1], logits.shape[-1])
+        return logits.to(x.dtype).reshape(*x.shape[:-1], logits.shape[-1])
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """Run head adapter_names[i] on sample i ('__base__': the base layer); equal to running each alone."""

@@ -31,7 +31,8 @@ from .data import MathExample, PaddingCollator, TruncationReport, tokenize_examp
 
 @dataclass
 class TrainingOptions:
-    """How to train a head; the command line's `train` options map one to one onto these fields."""
+    """How to train a head. The command line's `train` options set most of these fields; weight_decay,
+    warmup_ratio, max_grad_norm and save_total_limit are for the Python API."""
 
     output_dir: str
     max_steps: int = -1  # > 0 overrides epochs

@@ -272,16 +272,16 @@ def test_hub_names_stream_and_stop_after_limit(monkeypatch):
         for index in range(10**9):
             yield {"question": f"What is {index} + 1?", "answer": f"{index} + 1 = {index + 1}\n#### {index + 1}"}
 
-    def fake_load_dataset(name, **kwargs):
-        calls.append((name, kwargs))
+    def fake_load_dataset(path, **kwargs):
+        calls.append((path, kwargs))
         return datasets.IterableDataset.from_generator(endless_rows)
 
     monkeypatch.setattr(data, "load_dataset", fake_load_dataset)
     examples = load_examples("someone/big-math", split="train_1M", limit=3)
-    assert calls == [("someone/big-math", {"split": "train_1M", "streaming": True})]
+    assert calls == [("someone/big-math", {"name": None, "split": "train_1M", "streaming": True})]
     assert [example.answer for example in examples] == ["1", "2", "3"]
-    load_examples("someone/big-math", limit=1, streaming=False)
-    assert calls[-1] == ("someone/big-math", {"split": "train", "streaming": False})
+    load_examples("someone/big-math", limit=1, streaming=False, subset="main")
+    assert calls[-1] == ("someone/big-math", {"name": "main", "split": "train", "streaming": False})
 
 
 # Prompts and tokenisation.

@@ -39,7 +39,7 @@ def two_heads(tiny_lm_dir):
 def test_target_nll_counts_only_target_tokens(two_heads):
     model, tokenizer = two_heads
     examples = generate_examples(5, split="test")
-    total, count = target_nll(model, tokenizer, examples, max_length=256, batch_size=2)
+    total, count, _ = target_nll(model, tokenizer, examples, max_length=256, batch_size=2)
     dataset, _ = tokenize_examples(examples, tokenizer, 256)
     expected_total, expected_count = 0.0, 0
     with torch.no_grad():
@@ -61,7 +61,7 @@ def test_evaluate_reports_the_metrics_of_its_own_generations(two_heads):
     solutions = generate_solutions(model, tokenizer, [e.problem for e in examples], max_new_tokens=6)
     answers = [extract_answer(s) for s in solutions]
     overlap = mean_token_overlap(solutions, [e.solution for e in examples])
-    total, count = target_nll(model, tokenizer, examples, max_length=256)
+    total, count, _ = target_nll(model, tokenizer, examples, max_length=256)
     assert result.perplexity == pytest.approx(math.exp(total / count))
     assert result.exact_match == exact_match(answers, [e.answer for e in examples])
     assert result.rmse == numeric_errors(answers, [e.answer for e in examples]).rmse
@@ -114,3 +114,19 @@ def test_write_json_replaces_the_file_in_one_step(tmp_path):
     write_json(path, {"a": 2})
     assert json.loads(path.read_text()) == {"a": 2}
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]
+
+
+def test_generation_prompts_are_encoded_as_training_prompts(tmp_path):
+    """Without a chat template the prompt starts with BOS in training; generation must see the same tokens."""
+    from conftest import save_tiny_lm
+
+    model, tokenizer = load_base_model(str(save_tiny_lm(tmp_path / "plain", chat=False)))
+    examples = generate_examples(4, split="test")
+    features, _ = tokenize_examples(examples, tokenizer, 512)
+    solutions = generate_solutions(model, tokenizer, [e.problem for e in examples], max_new_tokens=1)
+    for row, solution in zip(features, solutions, strict=True):
+        prompt = [t for t, label in zip(row["input_ids"], row["labels"], strict=True) if label == -100]
+        assert prompt[0] == tokenizer.bos_token_id
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax().item()
+        assert solution == tokenizer.decode([expected], skip_special_tokens=True)

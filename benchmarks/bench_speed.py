@@ -1,0 +1,189 @@
+"""Training-step and generation speed of the head's modes against LoRA, output-head fine-tuning and the base.
+
+    python benchmarks/bench_speed.py --base smollm2 --batch 8 --length 256 --rounds 5
+    python benchmarks/bench_speed.py --base tiny-gpt2 --batch 8 --length 256 --rounds 7
+
+Training: one optimiser step (forward with the LM loss, backward, AdamW) per method and round, methods alternating;
+the floor is the frozen base's no-grad forward. Generation: greedy decoding with a KV cache, bare base against
+unmerged and merged heads. Prints medians, tokens/s and ratios, with the FLOP floors from peft_backattn.costs, and
+writes benchmarks/results/speed-<base>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+from common import (
+    HEAD_MODES,
+    alternate,
+    attach,
+    load_base,
+    markdown_table,
+    median,
+    random_batch,
+    save_result,
+    trainable_parameters,
+)
+
+from peft_backattn import BackAttnConfig
+from peft_backattn.costs import base_forward_flops, head_backward_flops, head_forward_flops
+
+TRAINED = [*HEAD_MODES, "lora r=8", "output head"]
+
+
+def flop_ratios(base, config: BackAttnConfig, context: int) -> tuple[float, float]:
+    """(training step, evaluation forward) of a head against the base's no-grad forward, from the cost model."""
+    emb = base.get_input_embeddings().weight
+    out = base.get_output_embeddings().weight
+    vocab, hidden, width = out.shape[0], out.shape[1], emb.shape[1]
+    skipped = {id(emb), id(out)}
+    non_embedding = sum(p.numel() for n, p in base.named_parameters() if id(p) not in skipped and "wpe" not in n)
+    layers = base.config.num_hidden_layers
+    base_flops = base_forward_flops(non_embedding, vocab, hidden, layers, context, base.config.hidden_size)
+    step = base_flops - 2 * vocab * hidden
+    step += head_forward_flops(config, vocab, hidden, width, collapsed=False).total
+    step += head_backward_flops(config, vocab, hidden, width)
+    evaluation = base_flops - 2 * vocab * hidden
+    evaluation += head_forward_flops(config, vocab, hidden, width, collapsed=config.is_linear).total
+    return step / base_flops, evaluation / base_flops
+
+
+def training_speed(base, args) -> dict:
+    ids = random_batch(base.config.vocab_size, args.batch, args.length)
+    tokens = ids.numel()
+    models = {name: attach(base, name, r=args.r) for name in TRAINED}
+    tasks = {}
+
+    def forward_floor() -> None:
+        with torch.no_grad():
+            base(input_ids=ids)
+
+    tasks["frozen base, no-grad forward"] = forward_floor
+    for name, model in models.items():
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step(model=model, optimizer=optimizer) -> None:
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        tasks[name] = step
+    logits = torch.randn(args.batch * (args.length - 1), base.config.vocab_size, requires_grad=True)
+    targets = ids[:, 1:].reshape(-1)
+
+    def lm_loss() -> None:  # what every method pays on top of its forward: log-softmax over V, forward and backward
+        F.cross_entropy(logits, targets).backward()
+        logits.grad = None
+
+    tasks["LM loss alone (fwd+bwd)"] = lm_loss
+    times = alternate(tasks, rounds=args.rounds)
+    floor = median(times["frozen base, no-grad forward"])
+    loss = median(times["LM loss alone (fwd+bwd)"])
+    lora = median(times["lora r=8"])
+    rows = []
+    for name, samples in times.items():
+        seconds = median(samples)
+        row = {
+            "method": name,
+            "median_s": seconds,
+            "tokens_per_s": tokens / seconds,
+            "x_base_forward": seconds / floor,
+            "lora_speedup": lora / seconds,
+            "trainable": trainable_parameters(models[name]) if name in models else 0,
+            "samples": samples,
+        }
+        if name in HEAD_MODES:
+            step_ratio, _ = flop_ratios(base, BackAttnConfig(r=args.r, **HEAD_MODES[name]), args.length)
+            row["flop_floor_x"] = step_ratio
+            row["floor_s"] = step_ratio * floor + loss
+            row["x_floor"] = seconds / row["floor_s"]
+        rows.append(row)
+    header = ["method", "trainable", "median s", "tokens/s", "x base fwd", "FLOP floor x", "x (floor + loss)",
+              "LoRA time / this"]  # fmt: skip
+    table = [
+        [r["method"], r["trainable"], r["median_s"], r["tokens_per_s"], r["x_base_forward"],
+         r.get("flop_floor_x", "-"), r.get("x_floor", "-"), r["lora_speedup"]]
+        for r in rows
+    ]  # fmt: skip
+    print(f"\nTraining step, batch {args.batch} x {args.length} tokens, medians of {args.rounds} rounds")
+    print(markdown_table(header, table))
+    return {"batch": args.batch, "length": args.length, "rounds": args.rounds, "rows": rows}
+
+
+def generation_speed(base, args) -> dict:
+    prompts = random_batch(base.config.vocab_size, args.gen_batch, args.gen_prompt, seed=1)
+    new_tokens = args.gen_batch * args.gen_new
+    variants = {"bare base": base}
+    for name in ("backattn raw residual", "backattn softmax residual", "backattn raw replace (original)"):
+        model = attach(base, name, r=args.r).eval()
+        _perturb(model)
+        variants[f"{name}, unmerged"] = model
+    merged = attach(base, "backattn raw residual", r=args.r).eval()
+    _perturb(merged)
+    variants["backattn raw residual, merged"] = merged.merge_and_unload()
+
+    def generate(model) -> None:
+        with torch.no_grad():
+            model.generate(
+                input_ids=prompts, max_new_tokens=args.gen_new, min_new_tokens=args.gen_new, do_sample=False,
+                pad_token_id=0,
+            )  # fmt: skip
+
+    tasks = {name: (lambda model=model: generate(model)) for name, model in variants.items()}
+    times = alternate(tasks, rounds=args.gen_rounds)
+    bare = median(times["bare base"])
+    context = args.gen_prompt + args.gen_new // 2
+    rows = []
+    for name, samples in times.items():
+        seconds = median(samples)
+        row = {"variant": name, "median_s": seconds, "tokens_per_s": new_tokens / seconds,
+               "x_bare_tokens_per_s": bare / seconds, "samples": samples}  # fmt: skip
+        mode = name.split(",")[0]
+        if mode in HEAD_MODES:
+            config = BackAttnConfig(r=args.r, **HEAD_MODES[mode])
+            merged = name.endswith(", merged")
+            row["flop_floor_x_tokens_per_s"] = 1.0 if merged else 1 / flop_ratios(base, config, context)[1]
+        rows.append(row)
+    header = ["variant", "median s", "tokens/s", "x bare tokens/s", "FLOP floor"]
+    table = [[r["variant"], r["median_s"], r["tokens_per_s"], r["x_bare_tokens_per_s"],
+              r.get("flop_floor_x_tokens_per_s", "-")] for r in rows]  # fmt: skip
+    print(f"\nGreedy generation, batch {args.gen_batch}, prompt {args.gen_prompt}, {args.gen_new} new tokens, "
+          f"medians of {args.gen_rounds} rounds")  # fmt: skip
+    print(markdown_table(header, table))
+    return {"batch": args.gen_batch, "prompt": args.gen_prompt, "new_tokens": args.gen_new, "rows": rows}
+
+
+def _perturb(model) -> None:
+    """Non-zero head weights (an untrained residual head has W_Q = 0), so that no product is trivially zero."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".backattn_heads." in name:
+                param.add_(0.01 * torch.randn(param.shape, generator=generator))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--base", default="smollm2", choices=("smollm2", "tiny-gpt2"), help="base model")
+    parser.add_argument("--r", type=int, default=64, help="latent size of the heads")
+    parser.add_argument("--batch", type=int, default=8, help="training batch size")
+    parser.add_argument("--length", type=int, default=256, help="training sequence length")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds per method (after one warm-up)")
+    parser.add_argument("--gen-batch", type=int, default=4, help="generation batch size")
+    parser.add_argument("--gen-prompt", type=int, default=64, help="prompt tokens")
+    parser.add_argument("--gen-new", type=int, default=32, help="generated tokens")
+    parser.add_argument("--gen-rounds", type=int, default=5, help="timed generation rounds")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    base = load_base(args.base)
+    result = {"base": args.base, "r": args.r}
+    result["training"] = training_speed(base, args)
+    result["generation"] = generation_speed(base, args)
+    save_result(f"speed-{args.base}", result)
+
+
+if __name__ == "__main__":
+    main()
