@@ -51,6 +51,7 @@ class TrainingOptions:
     time_budget_seconds: float | None = None  # stop after this much training time (checked after each step)
     resume: bool = False
     progress_bar: bool = True
+    save_final: bool = True  # write the head to output_dir at the end (checkpoints are written regardless)
 
 
 @dataclass
@@ -152,7 +153,7 @@ def train_head(
     start = time.monotonic()
     trainer.train(resume_from_checkpoint=True if options.resume else None)
     seconds = time.monotonic() - start
-    if trainer.is_world_process_zero():
+    if options.save_final and trainer.is_world_process_zero():
         save_head(model, options.output_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return TrainingReport(
