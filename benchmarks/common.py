@@ -41,7 +41,7 @@ def load_base(name: str) -> nn.Module:
     """'tiny-gpt2' (2 layers, width 128, GPT-2's 50,257-token vocabulary, random weights) or 'smollm2'."""
     if name == "tiny-gpt2":
         torch.manual_seed(0)
-        config = GPT2Config(n_layer=2, n_embd=128, n_head=2, n_positions=2048, vocab_size=50257)
+        config = GPT2Config(n_layer=2, n_embd=128, n_head=2, n_positions=8192, vocab_size=50257)
         model = GPT2LMHeadModel(config).eval()
         for param in model.parameters():
             param.requires_grad_(False)

@@ -289,10 +289,6 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def set_adapter(self, adapter_names: str | list[str], inference_mode: bool = False) -> None:
-        super().set_adapter(adapter_names, inference_mode=inference_mode)
-        self._collapsed_cache.clear()
-
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._collapsed_cache.pop(adapter_name, None)
@@ -303,7 +299,8 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         super().enable_adapters(enabled)
 
     def train(self, mode: bool = True) -> BackAttnLayer:
-        self._collapsed_cache.clear()  # weights are about to change
+        if mode:
+            self._collapsed_cache.clear()  # the weights are about to change; free the maps now
         return super().train(mode)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:

@@ -171,13 +171,3 @@ def check_base_compatibility(config: BackAttnConfig, model: nn.Module) -> None:
             f"and embedding size {actual[2]}; load it onto the base it was trained on."
         )
     config.base_vocab_size, config.base_hidden_size, config.base_embedding_dim = actual
-
-
-def head_layers(model: nn.Module) -> list[BackAttnLayer]:
-    """All backattn layers inside `model` (a PeftModel, a tuner or a plain model with injected heads)."""
-    return [module for module in model.modules() if isinstance(module, BackAttnLayer)]
-
-
-def active_head_config(model: nn.Module, adapter_name: str | None = None) -> BackAttnConfig:
-    name = adapter_name or model.active_adapter
-    return model.peft_config[name]

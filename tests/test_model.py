@@ -276,3 +276,41 @@ def test_merge_of_a_nonlinear_head_is_refused_and_changes_nothing(kwargs, reason
         model.merge_and_unload()
     assert isinstance(model.get_base_model().lm_head, BackAttnLayer)
     assert torch.equal(logits(model, input_ids), before)
+
+
+def test_registration_is_idempotent():
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+    from peft.utils import PeftType
+
+    from peft_backattn import BackAttnModel
+    from peft_backattn._registration import register
+
+    register()
+    register()
+    assert [member for member in PeftType if member.value == "BACKATTN"] == [PeftType.BACKATTN]
+    assert PEFT_TYPE_TO_TUNER_MAPPING[PeftType.BACKATTN] is BackAttnModel
+
+
+def test_print_trainable_parameters_counts_only_the_head(capsys):
+    model = get_peft_model(build("gpt2"), BackAttnConfig(r=8))
+    model.print_trainable_parameters()
+    head = sum(p.numel() for p in head_layer(model).backattn_heads.parameters())
+    assert f"trainable params: {head:,}" in capsys.readouterr().out
+
+
+def test_switching_heads_keeps_their_cached_maps(input_ids):
+    model = get_peft_model(build("gpt2"), BackAttnConfig(r=8, logit_weighting="raw"), adapter_name="math")
+    model.add_adapter("code", BackAttnConfig(r=8, logit_weighting="raw"))
+    randomize_heads(model)
+    model.eval()
+    layer = head_layer(model)
+    outputs = {}
+    for name in ("math", "code"):
+        model.set_adapter(name)
+        outputs[name] = logits(model, input_ids)
+    maps = {name: layer._collapsed_cache[name][1] for name in ("math", "code")}
+    model.set_adapter("math")
+    assert torch.equal(logits(model, input_ids), outputs["math"])
+    assert layer._collapsed_cache["math"][1] is maps["math"]  # reused, not rebuilt
+    model.delete_adapter("code")
+    assert "code" not in layer._collapsed_cache
