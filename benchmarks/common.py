@@ -137,6 +137,8 @@ def save_result(name: str, payload: dict) -> Path:
 def markdown_table(header: list[str], rows: list[list]) -> str:
     def cell(value) -> str:
         if isinstance(value, float):
+            if abs(value) >= 1e7:
+                return f"{value:.2e}"
             return f"{value:.3g}" if abs(value) < 1000 else f"{value:,.0f}"
         return str(value)
 

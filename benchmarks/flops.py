@@ -30,6 +30,7 @@ MODES = {
     "softmax, residual": dict(logit_weighting="softmax", combine="residual"),
     "softmax, replace": dict(logit_weighting="softmax", combine="replace"),
     "raw, residual, 4 heads": dict(logit_weighting="raw", combine="residual", num_heads=4),
+    "softmax, residual, 4 heads": dict(logit_weighting="softmax", combine="residual", num_heads=4),
     "softmax, residual, gelu": dict(logit_weighting="softmax", combine="residual", query_activation="gelu"),
 }
 

@@ -1,0 +1,244 @@
+"""Turn benchmarks/results/*.json into the tables and plots of docs/results.md.
+
+    python benchmarks/report.py
+
+docs/results.md holds the prose; each table sits between `<!-- generated: NAME -->` and `<!-- end -->` markers and
+is rewritten from the result files, so every number in it comes from a benchmark run. Plots go to docs/img/.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+from pathlib import Path
+
+from common import RESULTS, markdown_table
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+IMAGES = DOCS / "img"
+
+
+def load(name: str) -> dict | None:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def speed_training_table(result: dict) -> str:
+    header = ["method", "trainable params", "step (s)", "tokens/s", "x base no-grad forward", "FLOP floor x",
+              "x (FLOP floor + LM loss)", "x LoRA's tokens/s"]  # fmt: skip
+    rows = []
+    for row in result["training"]["rows"]:
+        rows.append([
+            row["method"], f"{row['trainable']:,}" if row["trainable"] else "-", row["median_s"],
+            round(row["tokens_per_s"]), row["x_base_forward"], row.get("flop_floor_x", "-"),
+            row.get("x_floor", "-"), row["lora_speedup"],
+        ])  # fmt: skip
+    training = result["training"]
+    return (f"Batch {training['batch']} x {training['length']} tokens, median of {training['rounds']} rounds; "
+            f"`{result['command']}`\n\n" + markdown_table(header, rows))  # fmt: skip
+
+
+def speed_generation_table(result: dict) -> str:
+    generation = result["generation"]
+    header = ["variant", "time (s)", "new tokens/s", "x bare base", "FLOP floor"]
+    rows = [[r["variant"], r["median_s"], round(r["tokens_per_s"], 1), r["x_bare_tokens_per_s"],
+             r.get("flop_floor_x_tokens_per_s", "-")] for r in generation["rows"]]  # fmt: skip
+    caption = (f"Greedy, batch {generation['batch']}, prompt {generation['prompt']} tokens, "
+               f"{generation['new_tokens']} new tokens; `{result['command']}`")  # fmt: skip
+    return caption + "\n\n" + markdown_table(header, rows)
+
+
+def memory_table(result: dict, mode: str) -> str:
+    methods = [k for k in result["rows"][0] if k not in ("mode", "length", "logits_mb")]
+    header = ["sequence length", "one fp32 logits tensor (MB)", *methods]
+    rows = [[r["length"], round(r["logits_mb"]), *(round(r[m]) if r[m] is not None else "-" for m in methods)]
+            for r in result["rows"] if r["mode"] == mode]  # fmt: skip
+    return f"Peak MB above the loaded model, batch 1; `{result['command']}`\n\n" + markdown_table(header, rows)
+
+
+def swap_table(result: dict) -> str:
+    header = ["method", "set_adapter (ms)", "load_adapter (ms)", "first forward after a swap (ms)",
+              "next forward (ms)", "file (kB)", "file / base weights"]  # fmt: skip
+    rows = [[r["method"], r["set_adapter_ms"], r["load_adapter_ms"], r["first_forward_after_swap_ms"],
+             r["next_forward_ms"], round(r["file_bytes"] / 1e3, 1), f"{100 * r['file_fraction_of_base']:.3f} %"]
+            for r in result["rows"]]  # fmt: skip
+    return (f"Base weights {result['base_bytes'] / 1e6:.0f} MB; `{result['command']}`\n\n"
+            + markdown_table(header, rows))  # fmt: skip
+
+
+def _spread(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.3g}"
+    return f"{statistics.mean(values):.3g} ({min(values):.3g}-{max(values):.3g})"
+
+
+def quality_groups(result: dict) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for run in result["runs"]:
+        groups.setdefault(run["method"], []).append(run)
+    return groups
+
+
+def _quality_command(settings: dict) -> str:
+    """The bench_quality.py flags shared by every run (seeds and methods vary per invocation)."""
+    return (f"python bench_quality.py --minutes {settings['minutes']:g} --ppl {settings['ppl']} "
+            f"--gen {settings['gen']} --math500 {settings['math500']} "
+            f"--max-new-tokens {settings['max_new_tokens']}")  # fmt: skip
+
+
+def quality_table(result: dict) -> str:
+    settings = result["settings"]
+    gen = settings["gen"]
+    header = ["method", "trainable params", "seeds", "steps in budget", "GSM8K test perplexity",
+              f"exact match (of {gen})", "RMSE", "token F1", "MATH-500 perplexity"]  # fmt: skip
+    rows = []
+    for name, runs in quality_groups(result).items():
+        trained = runs[0]["seed"] is not None
+        rows.append([
+            name, f"{runs[0]['trainable']:,}" if runs[0].get("trainable") else "-",
+            ", ".join(str(r["seed"]) for r in runs) if trained else "-",
+            _spread([r.get("steps") for r in runs]) if trained else "-",
+            _spread([r["perplexity"] for r in runs]), _spread([round(r["exact_match"] * gen) for r in runs]),
+            _spread([r["rmse"] for r in runs]), _spread([r["f1"] for r in runs]),
+            _spread([r["math500_perplexity"] for r in runs]),
+        ])  # fmt: skip
+    return (f"{settings['minutes']:g} minutes of training per method and seed on GSM8K train, then greedy answers to "
+            f"{gen} GSM8K test problems; mean (min-max) over seeds; `{_quality_command(settings)} --seeds ...`\n\n"
+            + markdown_table(header, rows))  # fmt: skip
+
+
+def sampling_table(result: dict) -> str:
+    gen = result["settings"]["gen"]
+    rows = []
+    for entry in result.get("sampling_base_grid", []):
+        label = f"base, temperature {entry['temperature']}, top-k {entry['top_k'] or 'off'}"
+        rows.append([label, round(entry["exact_match"] * gen), entry["rmse"] if entry["rmse"] is not None else "-"])
+    for name, runs in quality_groups(result).items():
+        for run in runs:
+            sampled = run.get("sampled_at_temperature_1")
+            if sampled:
+                label = f"{name} (seed {run['seed']}), temperature 1, top-k off"
+                rmse = sampled["rmse"] if sampled["rmse"] is not None else "-"
+                rows.append([label, round(sampled["exact_match"] * gen), rmse])
+    header = ["sampling", f"exact match (of {gen})", "RMSE"]
+    return markdown_table(header, rows)
+
+
+def plots(speed: dict | None, memory: dict | None, quality: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMAGES.mkdir(exist_ok=True)
+    if quality:
+        figure, axis = plt.subplots(figsize=(8, 4.5))
+        for name, runs in quality_groups(quality).items():
+            run = runs[0]
+            if not run.get("losses"):
+                continue
+            per_step = run["train_seconds"] / max(1, run["steps"])
+            axis.plot([per_step * (i + 1) / 60 for i in range(len(run["losses"]))], _smooth(run["losses"]), label=name)
+        axis.set_xlabel("training time (minutes, 2 CPU cores)")
+        axis.set_ylabel("training loss (moving average of 5 steps, log scale)")
+        axis.set_yscale("log")
+        axis.set_title("Training loss on GSM8K, SmolLM2-135M frozen, seed 0")
+        axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(IMAGES / "loss_curves.png", dpi=120)
+        plt.close(figure)
+
+        groups = [(name, runs) for name, runs in quality_groups(quality).items()]
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+        for axis, key, title in ((axes[0], "perplexity", "GSM8K test perplexity"),
+                                 (axes[1], "math500_perplexity", "MATH-500 solution perplexity")):  # fmt: skip
+            for index, (_name, runs) in enumerate(groups):
+                values = [r[key] for r in runs]
+                axis.scatter([index] * len(values), values, color="tab:blue")
+                axis.bar(index, statistics.mean(values), alpha=0.3, color="tab:blue")
+            axis.set_xticks(range(len(groups)), [name for name, _ in groups], rotation=60, ha="right", fontsize=7)
+            axis.set_title(title + " (lower is better)")
+            low = min(min(r[key] for r in runs) for _, runs in groups)
+            axis.set_ylim(bottom=0.9 * low)
+        figure.tight_layout()
+        figure.savefig(IMAGES / "quality.png", dpi=120)
+        plt.close(figure)
+    if speed:
+        rows = [r for r in speed["training"]["rows"] if r["method"] != "LM loss alone (fwd+bwd)"]
+        figure, axis = plt.subplots(figsize=(8, 4.5))
+        axis.barh([r["method"] for r in rows], [r["x_base_forward"] for r in rows], color="tab:orange",
+                  label="measured")  # fmt: skip
+        floors = [(i, r["floor_s"] / median_floor(speed)) for i, r in enumerate(rows) if "floor_s" in r]
+        axis.scatter([f for _, f in floors], [i for i, _ in floors], color="black", marker="|", s=300,
+                     label="FLOP floor + LM loss", zorder=3)  # fmt: skip
+        axis.set_xlabel("training step time / frozen base no-grad forward (SmolLM2-135M, 8 x 256 tokens)")
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        figure.savefig(IMAGES / "cost_ratios.png", dpi=120)
+        plt.close(figure)
+    if memory:
+        figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+        for axis, mode in zip(axes, ("inference", "train"), strict=True):
+            rows = [r for r in memory["rows"] if r["mode"] == mode]
+            methods = [k for k in rows[0] if k not in ("mode", "length", "logits_mb")]
+            for method in methods:
+                if rows[0][method] is None:
+                    continue
+                axis.plot([r["length"] for r in rows], [r[method] for r in rows], marker="o", label=method)
+            axis.plot([r["length"] for r in rows], [r["logits_mb"] for r in rows], "k--", label="one logits tensor")
+            axis.set_xscale("log", base=2)
+            axis.set_xlabel("sequence length (batch 1)")
+            axis.set_ylabel("peak MB above the loaded model")
+            axis.set_title(mode)
+            axis.legend(fontsize=7)
+        figure.tight_layout()
+        figure.savefig(IMAGES / "memory.png", dpi=120)
+        plt.close(figure)
+
+
+def median_floor(speed: dict) -> float:
+    return next(r["median_s"] for r in speed["training"]["rows"] if r["method"] == "frozen base, no-grad forward")
+
+
+def _smooth(values: list[float], window: int = 5) -> list[float]:
+    return [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def main() -> None:
+    blocks = {}
+    for base in ("smollm2", "tiny-gpt2"):
+        speed = load(f"speed-{base}")
+        if speed:
+            blocks[f"speed-training-{base}"] = speed_training_table(speed)
+            blocks[f"speed-generation-{base}"] = speed_generation_table(speed)
+        memory = load(f"memory-{base}")
+        if memory:
+            blocks[f"memory-inference-{base}"] = memory_table(memory, "inference")
+            blocks[f"memory-train-{base}"] = memory_table(memory, "train")
+    swap = load("swap-smollm2")
+    if swap:
+        blocks["swap-smollm2"] = swap_table(swap)
+    quality = load("quality")
+    if quality:
+        blocks["quality"] = quality_table(quality)
+        blocks["sampling"] = sampling_table(quality)
+    plots(load("speed-smollm2"), load("memory-smollm2"), quality)
+
+    path = DOCS / "results.md"
+    text = path.read_text()
+    for name, table in blocks.items():
+        # The lazy middle group may be empty (a fresh block), so it stops at this block's own end marker.
+        pattern = re.compile(rf"(<!-- generated: {re.escape(name)} -->\n)(.*?)(<!-- end -->)", re.DOTALL)
+        text, count = pattern.subn(lambda m, table=table: m.group(1) + table + "\n" + m.group(3), text)
+        if count == 0:
+            print(f"no block for {name} in {path}")
+    path.write_text(text)
+    print(f"updated {path} ({len(blocks)} tables) and {IMAGES}")
+
+
+if __name__ == "__main__":
+    main()
