@@ -56,6 +56,22 @@ class BackAttnModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """PEFT's tuner-level switch accepts any name; refuse unknown ones before anything changes."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_known_heads(names)
+        super().set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self._check_known_heads([adapter_name])
+        super().delete_adapter(adapter_name)
+
+    def _check_known_heads(self, names: list[str]) -> None:
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            known = sorted(self.peft_config)
+            raise ValueError(f"Unknown head {unknown[0]!r}; known heads: {known}.")
+
     def _check_merge_allowed(self) -> None:
         """Merging folds a linear head into a new output matrix (untying it on purpose); others cannot merge."""
         for name in self.active_adapters:

@@ -187,6 +187,20 @@ def test_unknown_names_in_adapter_names_list_the_known_heads(input_ids):
         model(input_ids=input_ids, adapter_names=["math"] * 3)
 
 
+def test_unknown_names_in_set_and_delete_list_the_known_heads(input_ids):
+    # PeftModel.set_adapter/delete_adapter check first with PEFT's own message; the tuner's methods (called by
+    # PEFT helpers and by users holding model.base_model) used to accept an unknown name silently.
+    model = get_peft_model(build("gpt2"), BackAttnConfig(r=4), adapter_name="math").eval()
+    with pytest.raises(ValueError, match=r"Unknown head 'cooking'; known heads: \['math'\]"):
+        model.base_model.set_adapter("cooking")
+    with pytest.raises(ValueError, match=r"Unknown head 'cooking'; known heads: \['math'\]"):
+        model.base_model.delete_adapter("cooking")
+    # nothing changed: the head is still active and still computes
+    assert model.active_adapters == ["math"]
+    assert list(model.peft_config) == ["math"]
+    model(input_ids=input_ids)
+
+
 def test_two_active_heads_are_refused(input_ids):
     model = get_peft_model(build("gpt2"), BackAttnConfig(r=4), adapter_name="math")
     model.add_adapter("code", BackAttnConfig(r=4))
