@@ -156,14 +156,22 @@ def plots(speed: dict | None, memory: dict | None, quality: dict | None) -> None
         figure, axes = plt.subplots(1, 2, figsize=(10, 4.5))
         for axis, key, title in ((axes[0], "perplexity", "GSM8K test perplexity"),
                                  (axes[1], "math500_perplexity", "MATH-500 solution perplexity")):  # fmt: skip
+            # Runs above twice the base (the original replace mode) would flatten the rest: cut them, label them.
+            base_value = groups[0][1][0][key]
+            all_values = [r[key] for _, runs in groups for r in runs]
+            low = min(all_values)
+            top = 1.03 * max(v for v in all_values if v <= 2 * base_value)
             for index, (_name, runs) in enumerate(groups):
                 values = [r[key] for r in runs]
-                axis.scatter([index] * len(values), values, color="tab:blue")
-                axis.bar(index, statistics.mean(values), alpha=0.3, color="tab:blue")
+                mean = statistics.mean(values)
+                axis.scatter([index] * len(values), [min(v, top) for v in values], color="tab:blue")
+                axis.bar(index, min(mean, top), alpha=0.3, color="tab:blue")
+                if mean > top:
+                    axis.annotate(f"{mean:,.0f}\n(off scale)", (index, top), ha="center", va="top", fontsize=7)
+            axis.axhline(base_value, color="gray", linestyle="--", linewidth=0.8)
             axis.set_xticks(range(len(groups)), [name for name, _ in groups], rotation=60, ha="right", fontsize=7)
             axis.set_title(title + " (lower is better)")
-            low = min(min(r[key] for r in runs) for _, runs in groups)
-            axis.set_ylim(bottom=0.9 * low)
+            axis.set_ylim(0.95 * low, top)
         figure.tight_layout()
         figure.savefig(IMAGES / "quality.png", dpi=120)
         plt.close(figure)
