@@ -49,8 +49,13 @@ def speed_generation_table(result: dict) -> str:
     return caption + "\n\n" + markdown_table(header, rows)
 
 
+def _memory_methods(rows: list[dict]) -> list[str]:
+    """The method columns of a memory result (every key but the row's own coordinates)."""
+    return [key for key in rows[0] if key not in ("mode", "length", "logits_mb")]
+
+
 def memory_table(result: dict, mode: str) -> str:
-    methods = [k for k in result["rows"][0] if k not in ("mode", "length", "logits_mb")]
+    methods = _memory_methods(result["rows"])
     header = ["sequence length", "one fp32 logits tensor (MB)", *methods]
     rows = [[r["length"], round(r["logits_mb"]), *(round(r[m]) if r[m] is not None else "-" for m in methods)]
             for r in result["rows"] if r["mode"] == mode]  # fmt: skip
@@ -152,7 +157,7 @@ def plots(speed: dict | None, memory: dict | None, quality: dict | None) -> None
         figure.savefig(IMAGES / "loss_curves.png", dpi=120)
         plt.close(figure)
 
-        groups = [(name, runs) for name, runs in quality_groups(quality).items()]
+        groups = list(quality_groups(quality).items())
         figure, axes = plt.subplots(1, 2, figsize=(10, 4.5))
         for axis, key, title in ((axes[0], "perplexity", "GSM8K test perplexity"),
                                  (axes[1], "math500_perplexity", "MATH-500 solution perplexity")):  # fmt: skip
@@ -180,7 +185,7 @@ def plots(speed: dict | None, memory: dict | None, quality: dict | None) -> None
         figure, axis = plt.subplots(figsize=(8, 4.5))
         axis.barh([r["method"] for r in rows], [r["x_base_forward"] for r in rows], color="tab:orange",
                   label="measured")  # fmt: skip
-        floors = [(i, r["floor_s"] / median_floor(speed)) for i, r in enumerate(rows) if "floor_s" in r]
+        floors = [(i, r["floor_s"] / base_forward_seconds(speed)) for i, r in enumerate(rows) if "floor_s" in r]
         axis.scatter([f for _, f in floors], [i for i, _ in floors], color="black", marker="|", s=300,
                      label="FLOP floor + LM loss", zorder=3)  # fmt: skip
         axis.set_xlabel("training step time / frozen base no-grad forward (SmolLM2-135M, 8 x 256 tokens)")
@@ -192,8 +197,7 @@ def plots(speed: dict | None, memory: dict | None, quality: dict | None) -> None
         figure, axes = plt.subplots(1, 2, figsize=(10, 4))
         for axis, mode in zip(axes, ("inference", "train"), strict=True):
             rows = [r for r in memory["rows"] if r["mode"] == mode]
-            methods = [k for k in rows[0] if k not in ("mode", "length", "logits_mb")]
-            for method in methods:
+            for method in _memory_methods(rows):
                 if rows[0][method] is None:
                     continue
                 axis.plot([r["length"] for r in rows], [r[method] for r in rows], marker="o", label=method)
@@ -208,7 +212,8 @@ def plots(speed: dict | None, memory: dict | None, quality: dict | None) -> None
         plt.close(figure)
 
 
-def median_floor(speed: dict) -> float:
+def base_forward_seconds(speed: dict) -> float:
+    """The frozen base's median no-grad forward: the unit every training-step ratio is measured in."""
     return next(r["median_s"] for r in speed["training"]["rows"] if r["method"] == "frozen base, no-grad forward")
 
 
