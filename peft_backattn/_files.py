@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .config import BackAttnConfig
+if TYPE_CHECKING:  # for annotations only: the config imports this module to check folders it loads
+    from .config import BackAttnConfig
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"

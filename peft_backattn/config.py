@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
+import torch
+import torch.nn.functional as F
 from peft.config import PeftConfig
 from peft.utils import TaskType
 
-LOGIT_WEIGHTINGS = ("raw", "softmax")
-COMBINE_MODES = ("replace", "residual")
-QUERY_ACTIVATIONS = ("gelu", "silu", "tanh", "relu")
+from ._files import validate_head_folder
+from ._peft_type import BACKATTN
+
+LogitWeighting = Literal["raw", "softmax"]
+CombineMode = Literal["replace", "residual"]
+LOGIT_WEIGHTINGS: tuple[str, ...] = get_args(LogitWeighting)
+COMBINE_MODES: tuple[str, ...] = get_args(CombineMode)
+# The one list of query non-linearities: the config validates against its names, the head and the reference apply it.
+QUERY_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "gelu": F.gelu,
+    "silu": F.silu,
+    "tanh": torch.tanh,
+    "relu": F.relu,
+}
 
 
 @dataclass
@@ -34,7 +48,7 @@ class BackAttnConfig(PeftConfig):
         default=1e-6,
         metadata={"help": "Epsilon of the row-wise RMSNorm applied to the input-embedding matrix."},
     )
-    logit_weighting: Literal["raw", "softmax"] = field(
+    logit_weighting: LogitWeighting = field(
         default="softmax",
         metadata={
             "help": (
@@ -44,7 +58,7 @@ class BackAttnConfig(PeftConfig):
             )
         },
     )
-    combine: Literal["replace", "residual"] = field(
+    combine: CombineMode = field(
         default="residual",
         metadata={
             "help": (
@@ -63,13 +77,14 @@ class BackAttnConfig(PeftConfig):
             )
         },
     )
-    query_activation: Literal["gelu", "silu", "tanh", "relu"] | None = field(
+    query_activation: str | None = field(
         default=None,
         metadata={
             "help": (
                 "Optional non-linearity on the query path, Q = act(dot W_Q). None keeps the head linear, which "
                 "enables the collapsed fast path and merge_and_unload() in 'raw' mode."
-            )
+            ),
+            "choices": tuple(QUERY_ACTIVATIONS),
         },
     )
     init_weights: bool = field(
@@ -119,10 +134,7 @@ class BackAttnConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # Imported here: registration imports this module.
-        from ._registration import _add_peft_type_member
-
-        self.peft_type = _add_peft_type_member()
+        self.peft_type = BACKATTN
         if self.task_type is None:
             self.task_type = TaskType.CAUSAL_LM
         self._validate()
@@ -136,8 +148,6 @@ class BackAttnConfig(PeftConfig):
         PEFT reads the config before it attaches a new head, so checking the weights here means that a
         truncated, corrupted or mismatched file is refused before the model changes.
         """
-        from ._files import validate_head_folder
-
         config = super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
         folder = os.path.join(pretrained_model_name_or_path, subfolder or "")
         if os.path.isdir(folder):
@@ -173,7 +183,7 @@ class BackAttnConfig(PeftConfig):
         positive_int("chunk_size")
         one_of("logit_weighting", LOGIT_WEIGHTINGS)
         one_of("combine", COMBINE_MODES)
-        one_of("query_activation", QUERY_ACTIVATIONS, allow_none=True)
+        one_of("query_activation", tuple(QUERY_ACTIVATIONS), allow_none=True)
         if self.scaling is not None and not (isinstance(self.scaling, (int, float)) and self.scaling > 0):
             raise ValueError(f"BackAttnConfig.scaling must be a positive number or None, got {self.scaling!r}.")
         if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):

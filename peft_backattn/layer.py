@@ -22,17 +22,15 @@ import warnings
 from typing import Any, NamedTuple
 
 import torch
-import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .config import BackAttnConfig
+from .config import QUERY_ACTIVATIONS, BackAttnConfig
 
 BASE_ADAPTER_NAME = "__base__"  # in `adapter_names`: run that sample through the base output layer alone
 
-_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "relu": F.relu}
 _ROWS_PER_VOCAB_CHUNK = 8192  # rows of E processed at once when precomputing frozen tensors
 
 
@@ -119,7 +117,7 @@ class BackAttnHead(nn.Module):
         dot = torch.einsum("nd,hdr->nhr", mixed * self.norm_scale, self.value_proj)  # (n, H, r)
         q = torch.einsum("nhr,hrs->nhs", dot, self.query_proj)  # (n, H, r)
         if self.config.query_activation is not None:
-            q = _ACTIVATIONS[self.config.query_activation](q)
+            q = QUERY_ACTIVATIONS[self.config.query_activation](q)
         return q
 
     def query_in_embedding_space(self, q: torch.Tensor) -> torch.Tensor:

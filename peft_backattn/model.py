@@ -11,7 +11,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 
-from ._registration import PREFIX
+from ._peft_type import PREFIX
 from .config import BackAttnConfig
 from .layer import BASE_ADAPTER_NAME, BackAttnLayer, check_mergeable, output_layer_shape
 

@@ -7,12 +7,10 @@ matrices per head) and meant for tests, docs and small inputs only.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .config import QUERY_ACTIVATIONS
 from .layer import BackAttnHead
-
-_ACTIVATIONS = {"gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh, "relu": F.relu}
 
 
 def reference_logits(
@@ -41,7 +39,7 @@ def reference_logits(
         # 4. Q = act(dot W_Q).
         query = dot @ head.query_proj[h].double()  # (..., r)
         if config.query_activation is not None:
-            query = _ACTIVATIONS[config.query_activation](query)
+            query = QUERY_ACTIVATIONS[config.query_activation](query)
         # 5. scores = Q K^T (scaled).
         per_head_scores.append(config.attention_scale * query @ keys.T)  # (..., V)
         per_head_queries.append(query)
