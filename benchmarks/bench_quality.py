@@ -24,11 +24,11 @@ import torch
 from common import RESULTS, SHARED_DATA, attach, load_base, save_result, trainable_parameters
 from transformers import set_seed
 
-from peft_backattn.base_models import EMBEDDED_DEFAULT, load_base_model
-from peft_backattn.data import load_examples
-from peft_backattn.evaluation import evaluate, generate_solutions, target_nll
-from peft_backattn.metrics import exact_match, extract_answer, numeric_errors, perplexity
-from peft_backattn.training import TrainingOptions, train_head
+from peft_backattn.workbench.base_models import EMBEDDED_DEFAULT, load_base_model
+from peft_backattn.workbench.data import load_examples
+from peft_backattn.workbench.evaluation import evaluate, generate_solutions, target_nll
+from peft_backattn.workbench.metrics import exact_match, extract_answer, numeric_errors, perplexity
+from peft_backattn.workbench.training import TrainingOptions, train_head
 
 # name -> (method in common.attach, head latent size, learning rate)
 METHODS = {

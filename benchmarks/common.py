@@ -22,7 +22,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from peft_backattn import BackAttnConfig
-from peft_backattn.base_models import EMBEDDED_DEFAULT, load_base_model
+from peft_backattn.workbench.base_models import EMBEDDED_DEFAULT, load_base_model
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -16,9 +16,9 @@ from pathlib import Path
 from safetensors import safe_open
 
 from peft_backattn import BackAttnConfig
-from peft_backattn.base_models import EMBEDDED_DEFAULT, load_base_model
-from peft_backattn.synthetic import generate_examples
-from peft_backattn.training import TrainingOptions, attach_head, train_head
+from peft_backattn.workbench.base_models import EMBEDDED_DEFAULT, load_base_model
+from peft_backattn.workbench.synthetic import generate_examples
+from peft_backattn.workbench.training import TrainingOptions, attach_head, train_head
 
 
 def main() -> None:

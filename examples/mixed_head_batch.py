@@ -17,10 +17,11 @@ import torch
 from peft import PeftModel
 
 from peft_backattn import BackAttnConfig
-from peft_backattn.base_models import EMBEDDED_DEFAULT, load_base_model
-from peft_backattn.data import MathExample, format_prompt
-from peft_backattn.synthetic import generate_examples
-from peft_backattn.training import TrainingOptions, attach_head, train_head
+from peft_backattn.workbench.base_models import EMBEDDED_DEFAULT, load_base_model
+from peft_backattn.workbench.data import format_prompt
+from peft_backattn.workbench.problems import MathExample
+from peft_backattn.workbench.synthetic import generate_examples
+from peft_backattn.workbench.training import TrainingOptions, attach_head, train_head
 
 BASE = "__base__"  # in adapter_names: that sample goes through the base output layer alone
 

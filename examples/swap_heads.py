@@ -18,10 +18,10 @@ import torch
 from peft import PeftModel
 
 from peft_backattn import BackAttnConfig
-from peft_backattn.base_models import EMBEDDED_DEFAULT, load_base_model
-from peft_backattn.data import MathExample
-from peft_backattn.synthetic import generate_examples
-from peft_backattn.training import TrainingOptions, attach_head, train_head
+from peft_backattn.workbench.base_models import EMBEDDED_DEFAULT, load_base_model
+from peft_backattn.workbench.problems import MathExample
+from peft_backattn.workbench.synthetic import generate_examples
+from peft_backattn.workbench.training import TrainingOptions, attach_head, train_head
 
 
 def train_two_heads(model_name: str, output: Path, steps: int, r: int) -> list[Path]:

@@ -19,10 +19,10 @@ from pathlib import Path
 from transformers import set_seed
 
 from peft_backattn import BackAttnConfig
-from peft_backattn.base_models import EMBEDDED_DEFAULT, load_base_model
-from peft_backattn.data import load_problems
-from peft_backattn.evaluation import BASE_NAME, evaluate_heads, format_table
-from peft_backattn.training import TrainingOptions, attach_head, train_head
+from peft_backattn.workbench.base_models import EMBEDDED_DEFAULT, load_base_model
+from peft_backattn.workbench.data import load_problems
+from peft_backattn.workbench.evaluation import BASE_NAME, evaluate_heads, format_table
+from peft_backattn.workbench.training import TrainingOptions, attach_head, train_head
 
 
 def main() -> None:

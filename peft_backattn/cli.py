@@ -7,12 +7,42 @@ base) print one line, `peft-backattn: error: ...`, and exit with status 2, witho
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+import typing
+import warnings
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any, Literal, NoReturn
+
+import datasets
+import torch
+import transformers
+from peft import PeftConfig
+from transformers import set_seed
 
 from . import __version__
+from .config import BackAttnConfig
+from .layer import BASE_ADAPTER_NAME
+from .workbench.base_models import EMBEDDED_DEFAULT, load_base_model
+from .workbench.data import load_problems
+from .workbench.demo import run_demo
+from .workbench.evaluation import (
+    BASE_NAME,
+    evaluate,
+    evaluate_heads,
+    format_table,
+    generate_solutions,
+    load_heads,
+    write_json,
+)
+from .workbench.training import TrainingOptions, attach_head, train_head
+
+# (message pattern, category) of warnings that dependencies raise about their own code, filtered by the command line.
+QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
+    # transformers calls its own deprecated property when PEFT wraps a model
+    ("`is_gradient_checkpointing` is deprecated", FutureWarning),
+)
 
 EXAMPLES = {
     "train": """examples:
@@ -33,15 +63,64 @@ EXAMPLES = {
 }
 
 
-HEAD_OPTIONS = {"r": int, "logit_weighting": str, "combine": str, "num_heads": int, "query_activation": str,
-                "chunk_size": int}  # fmt: skip
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line on stderr, like every other error of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def option_fields(cls: type) -> list[dataclasses.Field]:
+    """The fields of a dataclass that are command-line options: those with help text and a flag that is not None.
+
+    For `BackAttnConfig` only the fields it defines itself count; those inherited from PEFT's `PeftConfig` are
+    bookkeeping (peft_type, revision, ...), not settings of the head.
+    """
+    inherited = {f.name for f in dataclasses.fields(PeftConfig)} if issubclass(cls, PeftConfig) else set()
+    return [
+        f
+        for f in dataclasses.fields(cls)
+        if f.name not in inherited and "help" in f.metadata and f.metadata.get("flag", "") is not None
+    ]
+
+
+def add_dataclass_options(group: argparse._ActionsContainer, cls: type) -> None:
+    """One option per field of `cls`, from the field's type, default and help text: the one source of each option.
+
+    An option that is not given leaves no attribute behind (argparse.SUPPRESS), so `given_options` passes only what
+    the user typed and the dataclass's own defaults apply.
+    """
+    hints = typing.get_type_hints(cls)
+    for spec in option_fields(cls):
+        kind = hints[spec.name]
+        if type(None) in typing.get_args(kind):  # `X | None` -> X
+            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
+        required = spec.default is dataclasses.MISSING
+        negated = kind is bool and spec.default is True
+        flag = spec.metadata.get("flag") or ("--no-" if negated else "--") + spec.name.replace("_", "-")
+        help_text = spec.metadata["help"]
+        if negated:
+            help_text += f" (on by default; {flag} turns it off)"
+        elif not (required or kind is bool):
+            help_text += f" (default: {spec.default})"
+        kwargs: dict[str, Any] = {"dest": spec.name, "help": help_text, "default": argparse.SUPPRESS}
+        if kind is bool:
+            kwargs["action"] = "store_false" if negated else "store_true"
+        else:
+            choices = spec.metadata.get("choices")
+            if typing.get_origin(kind) is Literal:
+                choices, kind = typing.get_args(kind), str
+            kwargs.update(type=kind, choices=choices, required=required)
+        group.add_argument(flag, **kwargs)
+
+
+def given_options(cls: type, args: argparse.Namespace) -> dict[str, Any]:
+    """The options of `cls` that were given on the command line, as keyword arguments for `cls`."""
+    return {spec.name: getattr(args, spec.name) for spec in option_fields(cls) if hasattr(args, spec.name)}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .base_models import EMBEDDED_DEFAULT
-    from .config import COMBINE_MODES, LOGIT_WEIGHTINGS, QUERY_ACTIVATIONS, BackAttnConfig
-
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="peft-backattn",
         description="Train, evaluate and swap backward-attention output heads on a frozen causal LM.",
     )
@@ -65,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
         )
         sub.add_argument("--load-in-4bit", action="store_true", help="quantise the base to bitsandbytes nf4")
 
-    def data_options(sub: argparse.ArgumentParser, split: str) -> None:
+    def data_options(sub: argparse.ArgumentParser, split: str, seed: bool = True) -> None:
         sub.add_argument(
             "--data",
             required=True,
@@ -81,34 +160,16 @@ def build_parser() -> argparse.ArgumentParser:
             "--subset", help="configuration of a hub dataset that has several, e.g. 'main' for openai/gsm8k"
         )
         sub.add_argument("--limit", type=int, help="use the first N examples (synthetic: generate N; default 1000)")
-        sub.add_argument("--seed", type=int, default=0, help="seed of the generator, shuffling and head init")
+        if seed:
+            sub.add_argument("--seed", type=int, default=0, help="seed of the generator and of shuffling")
 
     train = command("train", "Fine-tune a head on math problems with the HF Trainer; saves only the head.")
     model_options(train)
-    data_options(train, split="train")
-    train.add_argument("--output", required=True, help="folder for the head and its checkpoints")
-    train.add_argument("--overwrite", action="store_true", help="replace a head already in --output")
-    train.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --output")
-    head = train.add_argument_group("head (BackAttnConfig fields; defaults are the config's, see docs/api.md)")
-    for name, kind in HEAD_OPTIONS.items():
-        spec = BackAttnConfig.__dataclass_fields__[name]
-        choices = {"logit_weighting": LOGIT_WEIGHTINGS, "combine": COMBINE_MODES}.get(name)
-        choices = QUERY_ACTIVATIONS if name == "query_activation" else choices
-        head.add_argument(
-            "--" + name.replace("_", "-"), type=kind, choices=choices,
-            help=f"{spec.metadata['help']} (default: {spec.default})",
-        )  # fmt: skip
-    optimisation = train.add_argument_group("optimisation")
-    optimisation.add_argument("--steps", type=int, default=-1, help="optimiser steps (overrides --epochs)")
-    optimisation.add_argument("--epochs", type=float, default=1.0, help="passes over the data")
-    optimisation.add_argument("--time-budget", type=float, help="stop training after this many seconds")
-    optimisation.add_argument("--batch-size", type=int, default=8, help="examples per step and process")
-    optimisation.add_argument("--grad-accum", type=int, default=1, help="gradient accumulation steps")
-    optimisation.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (constant)")
-    optimisation.add_argument("--max-length", type=int, default=256, help="tokens per example; longer are cut")
-    optimisation.add_argument("--save-steps", type=int, default=200, help="checkpoint every N steps")
-    optimisation.add_argument("--logging-steps", type=int, default=10, help="log the loss every N steps")
-    optimisation.add_argument("--no-progress", action="store_true", help="no progress bar")
+    data_options(train, split="train", seed=False)  # --seed comes with the training options
+    add_dataclass_options(
+        train.add_argument_group("training (TrainingOptions fields, see docs/api.md)"), TrainingOptions
+    )
+    add_dataclass_options(train.add_argument_group("head (BackAttnConfig fields, see docs/api.md)"), BackAttnConfig)
 
     evaluate = command("eval", "Evaluate the base and heads: perplexity, exact match, MSE/RMSE, token P/R/F1.")
     model_options(evaluate)
@@ -140,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
         return {"train": _train, "eval": _eval, "generate": _generate, "demo": _demo}[args.command](args)
@@ -152,54 +214,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def quiet_dependencies() -> None:
+    """Keep what dependencies print about their own internals off the user's stderr, so that stderr holds only
+    what the user caused. Each filter names one logger or one message; nothing else is hidden."""
+    for pattern, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    # The bars transformers and datasets draw while loading weights or preparing a split: the command line says
+    # itself what it loads. The Trainer's progress bar is not theirs and stays.
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
 def _train(args: argparse.Namespace) -> int:
-    from transformers import set_seed
-
-    from .base_models import load_base_model
-    from .config import BackAttnConfig
-    from .training import TrainingOptions, attach_head, train_head
-
-    output = Path(args.output)
-    if (output / "adapter_config.json").exists() and not (args.overwrite or args.resume):
-        raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
-    head_kwargs = {name: getattr(args, name) for name in HEAD_OPTIONS if getattr(args, name) is not None}
-    config = BackAttnConfig(**head_kwargs)
-    examples = _load_data(args)
+    options = TrainingOptions(**given_options(TrainingOptions, args))
+    config = BackAttnConfig(**given_options(BackAttnConfig, args))
+    examples = _load_data(args, seed=options.seed)
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
-    set_seed(args.seed)  # the head's initial weights
+    set_seed(options.seed)  # the head's initial weights
     model = attach_head(base, config)
-    options = TrainingOptions(
-        output_dir=str(output),
-        max_steps=args.steps,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        gradient_accumulation_steps=args.grad_accum,
-        learning_rate=args.lr,
-        max_length=args.max_length,
-        seed=args.seed,
-        logging_steps=args.logging_steps,
-        save_steps=args.save_steps,
-        time_budget_seconds=args.time_budget,
-        resume=args.resume,
-        progress_bar=not args.no_progress,
-    )
     report = train_head(model, tokenizer, examples, options)
     if _is_main_process():
         print(
             f"Trained {report.steps} steps on {report.processes} process{'es' if report.processes > 1 else ''} "
             f"in {report.seconds:.0f} s (loss {_loss(report.first_loss)} -> "
-            f"{_loss(report.final_loss)}); head saved to {output}"
+            f"{_loss(report.final_loss)}); head saved to {options.output_dir}"
         )
     return 0
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from .base_models import load_base_model
-    from .evaluation import BASE_NAME, evaluate, evaluate_heads, format_table, load_heads, write_json
-
     if args.no_base and not args.heads:
         raise ValueError("Nothing to evaluate: --no-base without --heads.")
-    examples = _load_data(args)
+    examples = _load_data(args, seed=args.seed)
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
     settings = dict(
         max_new_tokens=args.max_new_tokens,
@@ -231,12 +277,6 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from .base_models import load_base_model
-    from .evaluation import BASE_NAME, generate_solutions, load_heads
-    from .layer import BASE_ADAPTER_NAME
-
     if not args.heads and not args.base:
         args.base = True
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
@@ -263,17 +303,13 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
     run_demo(output_dir=args.output_dir, train_minutes=args.train_minutes, seed=args.seed, model_name=args.model)
     return 0
 
 
-def _load_data(args: argparse.Namespace) -> list:
-    from .data import load_problems
-
+def _load_data(args: argparse.Namespace, seed: int) -> list:
     return load_problems(
-        args.data, fields=args.fields, split=args.split, limit=args.limit, seed=args.seed, subset=args.subset
+        args.data, fields=args.fields, split=args.split, limit=args.limit, seed=seed, subset=args.subset
     )
 
 

@@ -91,8 +91,9 @@ class BackAttnConfig(PeftConfig):
         default=True,
         metadata={
             "help": (
-                "True: W_Q starts at zero where combine='residual' (identity start, like LoRA's B = 0). False: every "
-                "matrix starts random, so that an untrained head changes the output (useful in tests)."
+                "Start W_Q at zero where combine='residual', so that an untrained head reproduces the base (like "
+                "LoRA's B = 0). False: every matrix starts random, so that an untrained head changes the output "
+                "(useful in tests)."
             )
         },
     )
@@ -117,19 +118,28 @@ class BackAttnConfig(PeftConfig):
     )
     target_modules: list[str] | None = field(
         default=None,
-        metadata={"help": "Unused; kept None. The head wraps `head_module`. Present for PEFT's generic code paths."},
+        metadata={
+            "help": "Unused; kept None. The head wraps `head_module`. Present for PEFT's generic code paths.",
+            "flag": None,
+        },
     )
     base_vocab_size: int | None = field(
         default=None,
-        metadata={"help": "Vocabulary size of the base the head was built for. Recorded on attach, checked on load."},
+        metadata={
+            "help": "Vocabulary size of the base the head was built for. Recorded on attach, checked on load.",
+            "flag": None,
+        },
     )
     base_hidden_size: int | None = field(
         default=None,
-        metadata={"help": "Input width of the wrapped output layer. Recorded on attach, checked on load."},
+        metadata={
+            "help": "Input width of the wrapped output layer. Recorded on attach, checked on load.",
+            "flag": None,
+        },
     )
     base_embedding_dim: int | None = field(
         default=None,
-        metadata={"help": "Width of the input-embedding matrix. Recorded on attach, checked on load."},
+        metadata={"help": "Width of the input-embedding matrix. Recorded on attach, checked on load.", "flag": None},
     )
 
     def __post_init__(self) -> None:

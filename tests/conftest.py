@@ -148,7 +148,7 @@ def _trained_tokenizer_json() -> str:
             rows = [json.loads(line) for _, line in zip(range(300), handle, strict=False)]
         lines = [text for row in rows for text in (row["question"], row["answer"])]
     else:
-        from peft_backattn.synthetic import generate_examples
+        from peft_backattn.workbench.synthetic import generate_examples
 
         lines = [text for ex in generate_examples(300) for text in (ex.problem, ex.solution)]
     tokenizer = Tokenizer(models.BPE())

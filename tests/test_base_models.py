@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import build
 
-from peft_backattn import base_models
-from peft_backattn.base_models import EMBEDDED_DEFAULT, embedded_model_path, load_base_model
+from peft_backattn.workbench import base_models
+from peft_backattn.workbench.base_models import EMBEDDED_DEFAULT, embedded_model_path, load_base_model
 
 
 def refuse_download(work):

@@ -87,7 +87,7 @@ def test_generate_answers_side_by_side(tiny_lm_dir, trained, tmp_path, capsys):
 
 
 def test_demo_runs_end_to_end_on_a_small_base(tiny_lm_dir, tmp_path, monkeypatch, capsys):
-    from peft_backattn import demo
+    from peft_backattn.workbench import demo
 
     monkeypatch.setattr(demo, "TRAIN_PROBLEMS", 40)
     monkeypatch.setattr(demo, "PERPLEXITY_PROBLEMS", 6)

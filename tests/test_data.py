@@ -9,22 +9,19 @@ import pytest
 import torch
 from conftest import build_tokenizer, requires_shared_data
 
-from peft_backattn import data
-from peft_backattn.data import (
+from peft_backattn.workbench import data
+from peft_backattn.workbench.data import (
     IGNORE_INDEX,
-    SCHEMAS,
-    FieldMapping,
-    MathExample,
     PaddingCollator,
     TruncationReport,
     detect_schema,
     format_prompt,
     load_examples,
-    parse_field_mapping,
     to_example,
     tokenize_examples,
 )
-from peft_backattn.synthetic import generate_examples
+from peft_backattn.workbench.problems import SCHEMAS, FieldMapping, MathExample, parse_field_mapping
+from peft_backattn.workbench.synthetic import generate_examples
 
 GSM8K_ROW = {
     "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "

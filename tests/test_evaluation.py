@@ -12,9 +12,9 @@ from conftest import randomize_heads
 from peft import get_peft_model
 
 from peft_backattn import BackAttnConfig
-from peft_backattn.base_models import load_base_model
-from peft_backattn.data import tokenize_examples
-from peft_backattn.evaluation import (
+from peft_backattn.workbench.base_models import load_base_model
+from peft_backattn.workbench.data import tokenize_examples
+from peft_backattn.workbench.evaluation import (
     evaluate,
     evaluate_heads,
     generate_solutions,
@@ -23,8 +23,8 @@ from peft_backattn.evaluation import (
     use_head,
     write_json,
 )
-from peft_backattn.metrics import exact_match, extract_answer, mean_token_overlap, numeric_errors
-from peft_backattn.synthetic import generate_examples
+from peft_backattn.workbench.metrics import exact_match, extract_answer, mean_token_overlap, numeric_errors
+from peft_backattn.workbench.synthetic import generate_examples
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import math
 import pytest
 from conftest import requires_shared_data
 
-from peft_backattn.metrics import (
+from peft_backattn.workbench.metrics import (
     answers_match,
     exact_match,
     extract_answer,

@@ -9,8 +9,8 @@ from fractions import Fraction
 
 import pytest
 
-from peft_backattn.data import MathExample
-from peft_backattn.synthetic import SPLITS, generate_examples
+from peft_backattn.workbench.problems import MathExample
+from peft_backattn.workbench.synthetic import SPLITS, generate_examples
 
 # A worked step 'a op b [op c ...] = r' in a solution line.
 EQUATION = re.compile(r"((?:\d+ [-+*/] )+\d+) = (\d+)")

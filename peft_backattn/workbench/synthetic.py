@@ -11,7 +11,7 @@ import hashlib
 import random
 from collections.abc import Callable
 
-from .data import MathExample
+from .problems import MathExample
 
 SPLITS = ("train", "validation", "test")
 

