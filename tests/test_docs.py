@@ -18,7 +18,8 @@ from peft import PeftConfig
 
 import peft_backattn
 from peft_backattn import BackAttnConfig
-from peft_backattn.cli import build_parser
+from peft_backattn.cli import build_parser, option_fields
+from peft_backattn.workbench.training import TrainingOptions
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -51,6 +52,25 @@ def test_every_config_field_has_a_row_with_its_default(field):
     row = re.search(rf"^\| `{field.name}` \| (?P<type>.+?) \| `(?P<default>[^`]+)` \|", API, re.MULTILINE)
     assert row, f"docs/api.md has no BackAttnConfig table row for `{field.name}`"
     assert ast.literal_eval(row["default"]) == field.default, f"documented default of {field.name} is wrong"
+
+
+@pytest.mark.parametrize("field", dataclasses.fields(TrainingOptions), ids=lambda f: f.name)
+def test_every_training_option_has_a_row_with_its_default_and_flag(field):
+    row = re.search(rf"^\| `{field.name}` \| .+? \| (?P<default>[^|]+) \|.*\| (?P<flag>[^|]+) \|$", API, re.MULTILINE)
+    assert row, f"docs/api.md has no TrainingOptions table row for `{field.name}`"
+    default = row["default"].strip()
+    if field.default is dataclasses.MISSING:
+        assert default == "required"
+    else:
+        assert ast.literal_eval(default.strip("`")) == field.default, f"documented default of {field.name} is wrong"
+    flags = {
+        opt for action in subcommands()["train"]._actions if action.dest == field.name for opt in action.option_strings
+    }
+    documented = row["flag"].strip().strip("`")
+    if field in option_fields(TrainingOptions):
+        assert {documented} == flags, f"{field.name} is {flags} on the command line, {documented} in docs/api.md"
+    else:
+        assert documented == "-" and not flags
 
 
 def test_every_exported_name_is_documented():
