@@ -13,6 +13,7 @@ import sys
 import typing
 import warnings
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import datasets
@@ -26,7 +27,7 @@ from .config import BackAttnConfig
 from .layer import BASE_ADAPTER_NAME
 from .workbench.base_models import EMBEDDED_DEFAULT, load_base_model
 from .workbench.data import load_problems
-from .workbench.demo import run_demo
+from .workbench.demo import EVAL_MINUTES, run_demo
 from .workbench.evaluation import (
     BASE_NAME,
     evaluate,
@@ -36,6 +37,7 @@ from .workbench.evaluation import (
     load_heads,
     write_json,
 )
+from .workbench.plots import missing_plots_message, plot_loss_curve, plots_available
 from .workbench.training import TrainingOptions, attach_head, train_head
 
 # (message pattern, category) of warnings that dependencies raise about their own code, filtered by the command line.
@@ -196,7 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output-dir", default="runs/demo", help="where the heads and demo_results.json go")
     demo.add_argument("--model", default=EMBEDDED_DEFAULT, help="base model (default: the embedded SmolLM2)")
     demo.add_argument("--train-minutes", type=float, default=3.0, help="training time of the math head")
+    demo.add_argument(
+        "--eval-minutes", type=float, default=EVAL_MINUTES,
+        help=f"time budget of the evaluation of base and head (default {EVAL_MINUTES:g}); it says what was cut",
+    )  # fmt: skip
     demo.add_argument("--seed", type=int, default=0, help="seed of data, head init and shuffling")
+    for sub in (evaluate, generate, demo):
+        sub.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     return parser
 
 
@@ -239,6 +247,14 @@ def _train(args: argparse.Namespace) -> int:
             f"in {report.seconds:.0f} s (loss {_loss(report.first_loss)} -> "
             f"{_loss(report.final_loss)}); head saved to {options.output_dir}"
         )
+        if not report.losses:
+            print("No loss was logged (fewer steps than --logging-steps), so there is no loss curve to draw.")
+        elif plots_available():
+            steps = [options.logging_steps * (i + 1) for i in range(len(report.losses))]
+            picture = plot_loss_curve(report.losses, Path(options.output_dir) / "training_loss.png", steps=steps)
+            print(f"Loss curve: {picture}")
+        else:
+            print(missing_plots_message())
     return 0
 
 
@@ -252,6 +268,7 @@ def _eval(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_length=args.max_length,
         generation_limit=args.generation_limit,
+        progress=not args.no_progress,
     )
     if args.heads:
         model, names = load_heads(base, args.heads)
@@ -292,18 +309,24 @@ def _generate(args: argparse.Namespace) -> int:
         adapter_names = [BASE_ADAPTER_NAME if name == BASE_NAME else name for name in shown]
         answers = generate_solutions(
             model, tokenizer, [args.problem] * len(shown), max_new_tokens=args.max_new_tokens,
-            adapter_names=adapter_names, **sampling,
+            adapter_names=adapter_names, progress=not args.no_progress, **sampling,
         )  # fmt: skip
     else:
         shown = [BASE_NAME]
-        answers = generate_solutions(base, tokenizer, [args.problem], max_new_tokens=args.max_new_tokens, **sampling)
+        answers = generate_solutions(
+            base, tokenizer, [args.problem], max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+            **sampling,
+        )  # fmt: skip
     for name, answer in zip(shown, answers, strict=True):
         print(f"=== {name} ===\n{answer.strip()}\n")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    run_demo(output_dir=args.output_dir, train_minutes=args.train_minutes, seed=args.seed, model_name=args.model)
+    run_demo(
+        output_dir=args.output_dir, train_minutes=args.train_minutes, seed=args.seed, model_name=args.model,
+        eval_minutes=args.eval_minutes, progress=not args.no_progress,
+    )  # fmt: skip
     return 0
 
 

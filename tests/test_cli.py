@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from conftest import save_tiny_lm
 from safetensors.torch import load_file
+from test_progress_and_plots import png_size
 
 from peft_backattn.cli import build_parser, main
 
@@ -102,7 +103,75 @@ def test_demo_runs_end_to_end_on_a_small_base(tiny_lm_dir, tmp_path, monkeypatch
     assert set(summary["results"]) == {"base", "math"}
     assert HEAD_FILES <= {p.name for p in (tmp_path / "math_head").iterdir()}
     assert HEAD_FILES <= {p.name for p in (tmp_path / "short_head").iterdir()}
-    assert "perplexity" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "perplexity" in out
+    pictures = [tmp_path / "training_loss.png", tmp_path / "base_vs_head.png"]
+    assert summary["pictures"] == [str(p) for p in pictures]
+    for picture in pictures:
+        assert png_size(picture)[0] > 0
+    assert f"Pictures: {pictures[0]}, {pictures[1]}" in out
+
+
+def test_demo_without_matplotlib_says_how_to_get_the_pictures(tiny_lm_dir, tmp_path, monkeypatch, capsys):
+    from peft_backattn.workbench import demo, plots
+
+    monkeypatch.setattr(plots, "Figure", None)
+    for name, value in [("TRAIN_PROBLEMS", 16), ("PERPLEXITY_PROBLEMS", 4), ("GENERATION_PROBLEMS", 4),
+                        ("MAX_NEW_TOKENS", 2), ("SECOND_HEAD_MINUTES", 0.01)]:  # fmt: skip
+        monkeypatch.setattr(demo, name, value)
+    code = run_cli(
+        "demo", "--model", tiny_lm_dir, "--output-dir", tmp_path, "--train-minutes", "0.01", "--no-progress"
+    )
+    assert code == 0
+    assert 'pip install "peft-backattn[plots]"' in capsys.readouterr().out
+    assert not list(tmp_path.glob("*.png"))
+    assert json.loads((tmp_path / "demo_results.json").read_text())["pictures"] == []
+
+
+def test_demo_evaluation_budget_cuts_generation_short_and_says_so(tiny_lm_dir, tmp_path, monkeypatch, capsys):
+    from peft_backattn.workbench import demo
+
+    for name, value in [("TRAIN_PROBLEMS", 16), ("PERPLEXITY_PROBLEMS", 12), ("GENERATION_PROBLEMS", 12),
+                        ("GENERATION_BATCH", 4), ("MAX_NEW_TOKENS", 3), ("SECOND_HEAD_MINUTES", 0.01)]:  # fmt: skip
+        monkeypatch.setattr(demo, name, value)
+    code = run_cli(
+        "demo", "--model", tiny_lm_dir, "--output-dir", tmp_path, "--train-minutes", "0.01", "--eval-minutes", "0",
+        "--no-progress",
+    )  # fmt: skip
+    assert code == 0
+    results = json.loads((tmp_path / "demo_results.json").read_text())["results"]
+    assert results["base"]["n"] == results["math"]["n"] == 4  # one batch, then the budget is spent
+    assert "answers scored on 4 of 12 problems (both models on the same 4)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("no_progress", [False, True], ids=["progress", "no-progress"])
+def test_eval_shows_progress_lines_in_a_log_unless_told_not_to(tiny_lm_dir, trained, monkeypatch, capsys, no_progress):
+    monkeypatch.setattr("peft_backattn.workbench.progress.LINE_INTERVAL_SECONDS", 0)  # a line per batch
+    code = run_cli(
+        "eval", "--model", tiny_lm_dir, "--heads", trained, "--no-base", "--data", "synthetic", "--limit", "4",
+        "--batch-size", "2", "--max-new-tokens", "2", *(["--no-progress"] if no_progress else []),
+    )  # fmt: skip
+    assert code == 0
+    out, err = capsys.readouterr()
+    progress_lines = [
+        line.strip() for line in out.splitlines() if " in " in line and ("batches" in line or "problems" in line)
+    ]
+    if no_progress:
+        assert progress_lines == []
+    else:
+        assert [line.split(" in ")[0] for line in progress_lines] == [
+            "perplexity: 1/2 batches", "perplexity: 2/2 batches",
+            "generating: 2/4 problems", "generating: 4/4 problems",
+        ]  # fmt: skip
+        assert "tokens/s" in progress_lines[-1]
+    assert err == ""
+
+
+def test_train_ends_with_its_loss_curve(tiny_lm_dir, tmp_path, capsys):
+    output = tmp_path / "head"
+    assert train(tiny_lm_dir, output, "--steps", "4", "--logging-steps", "2") == 0
+    assert png_size(output / "training_loss.png")[0] > 0
+    assert f"Loss curve: {output / 'training_loss.png'}" in capsys.readouterr().out
 
 
 def test_every_option_has_help_text():

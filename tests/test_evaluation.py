@@ -130,3 +130,30 @@ def test_generation_prompts_are_encoded_as_training_prompts(tmp_path):
         with torch.no_grad():
             expected = model(input_ids=torch.tensor([prompt])).logits[0, -1].argmax().item()
         assert solution == tokenizer.decode([expected], skip_special_tokens=True)
+
+
+def test_a_time_budget_scores_every_model_on_the_same_problems(two_heads):
+    """The first model generates until its share is spent (here at once: one batch); the others follow it."""
+    model, tokenizer = two_heads
+    examples = generate_examples(6, split="test")
+    settings = dict(max_new_tokens=2, batch_size=2, max_length=128, progress=False)
+    cut = evaluate_heads(model, tokenizer, examples, ["base", "math", "code"], time_budget_seconds=0.0, **settings)
+    assert [result.n for result in cut.values()] == [2, 2, 2]
+    whole = evaluate_heads(model, tokenizer, examples[:2], ["base", "math", "code"], **settings)
+    generation_metrics = ("exact_match", "precision", "recall", "f1", "n", "unparsed_answers", "numeric_pairs")
+    for name in cut:  # the same problems, the same generation metrics
+        assert [getattr(cut[name], m) for m in generation_metrics] == [
+            getattr(whole[name], m) for m in generation_metrics
+        ]
+    # Perplexity is not budgeted: it still covers all six problems.
+    full_ppl = evaluate_heads(model, tokenizer, examples, ["base"], generation_limit=0, **settings)["base"]
+    assert cut["base"].target_tokens == full_ppl.target_tokens > whole["base"].target_tokens
+
+
+def test_no_time_budget_scores_every_problem(two_heads):
+    model, tokenizer = two_heads
+    examples = generate_examples(5, split="test")
+    results = evaluate_heads(
+        model, tokenizer, examples, ["math", "base"], max_new_tokens=2, batch_size=2, max_length=128, progress=False
+    )
+    assert [result.n for result in results.values()] == [5, 5]

@@ -17,24 +17,36 @@ from transformers import set_seed
 from ..config import BackAttnConfig
 from ..layer import BASE_ADAPTER_NAME
 from .base_models import EMBEDDED_DEFAULT, load_base_model
-from .evaluation import BASE_NAME, evaluate_heads, format_table, generate_solutions, write_json
+from .evaluation import BASE_NAME, EvalResult, evaluate_heads, format_table, generate_solutions, write_json
+from .plots import missing_plots_message, plot_comparison, plot_loss_curve, plots_available
 from .problems import MathExample
 from .synthetic import generate_examples
-from .training import TrainingOptions, attach_head, train_head
+from .training import TrainingOptions, TrainingReport, attach_head, train_head
 
 TRAIN_PROBLEMS = 3000
 PERPLEXITY_PROBLEMS = 48  # held-out problems for perplexity (teacher forcing, cheap)
 GENERATION_PROBLEMS = 16  # held-out problems for exact match, RMSE and F1 (greedy generation, slow on a CPU)
 MAX_NEW_TOKENS = 100  # synthetic solutions are 40-90 tokens
 SECOND_HEAD_MINUTES = 0.5
+GENERATION_BATCH = 4  # problems per generation batch: the evaluation budget is checked between batches
+# The evaluation's budget: with 3 + 0.5 minutes of training, loading and the swap steps, the demo ends within 10
+# minutes on 2 cores even when they are shared (there the evaluation is the step that grows, 6 min measured).
+EVAL_MINUTES = 2.5
 
 
 def run_demo(
-    output_dir: str = "runs/demo", train_minutes: float = 3.0, seed: int = 0, model_name: str = EMBEDDED_DEFAULT
+    output_dir: str = "runs/demo",
+    train_minutes: float = 3.0,
+    seed: int = 0,
+    model_name: str = EMBEDDED_DEFAULT,
+    eval_minutes: float = EVAL_MINUTES,
+    progress: bool = True,
 ) -> dict:
-    """Run the demo and return what it measured (also written to `output_dir/demo_results.json`).
+    """Run the demo and return what it measured (also written to `output_dir/demo_results.json`, with PNG pictures
+    of the training loss and of base against head beside it when matplotlib is installed).
 
     `model_name` swaps the embedded SmolLM2 for any other causal LM (a folder or a hub name you can reach).
+    `eval_minutes` bounds the evaluation of base and head; `progress` shows progress within each step.
     """
     start = _CLOCK["start"] = time.monotonic()
     output = Path(output_dir)
@@ -63,14 +75,19 @@ def run_demo(
     print(f"    {report.steps} steps in {report.seconds:.0f} s, training loss {report.first_loss:.3f} -> "
           f"{report.final_loss:.3f}")  # fmt: skip
 
-    _step(4, f"evaluating base vs head: perplexity on {len(test)} held-out problems, answers on "
-             f"{GENERATION_PROBLEMS}")  # fmt: skip
+    _step(4, f"evaluating base vs head: perplexity on {len(test)} held-out problems, answers on up to "
+             f"{GENERATION_PROBLEMS} ({eval_minutes:g} min budget)")  # fmt: skip
     model.eval()
     results = evaluate_heads(
-        model, tokenizer, test, [BASE_NAME, "math"], max_new_tokens=MAX_NEW_TOKENS,
-        batch_size=GENERATION_PROBLEMS, max_length=256, generation_limit=GENERATION_PROBLEMS,
+        model, tokenizer, test, [BASE_NAME, "math"], max_new_tokens=MAX_NEW_TOKENS, batch_size=GENERATION_BATCH,
+        max_length=256, generation_limit=GENERATION_PROBLEMS, time_budget_seconds=60 * eval_minutes,
+        progress=progress,
     )  # fmt: skip
     print(_indent(format_table(results)))
+    scored = results["math"].n
+    if scored < GENERATION_PROBLEMS:
+        print(f"    the {eval_minutes:g} min evaluation budget ran out: answers scored on {scored} of "
+              f"{GENERATION_PROBLEMS} problems (both models on the same {scored})")  # fmt: skip
 
     _step(5, "saving the head and loading it back into a fresh copy of the base")
     head_bytes = (math_dir / "adapter_model.safetensors").stat().st_size
@@ -103,7 +120,7 @@ def run_demo(
     shown = [BASE_NAME, "math", "short"]
     answers = generate_solutions(
         reloaded, tokenizer, [problem.problem] * 3, max_new_tokens=MAX_NEW_TOKENS,
-        adapter_names=[BASE_ADAPTER_NAME, "math", "short"],
+        adapter_names=[BASE_ADAPTER_NAME, "math", "short"], progress=progress,
     )  # fmt: skip
     print(f"    one batch, a different head per sample: {problem.problem}  (answer {problem.answer})")
     for name, answer in zip(shown, answers, strict=True):
@@ -123,13 +140,29 @@ def run_demo(
         "swap_max_logit_difference": max(swap.values()),
         "total_seconds": seconds,
     }
+    summary["pictures"] = _draw_pictures(output, report, results)
     write_json(output / "demo_results.json", _json_safe(summary))
     base_result, head_result = results[BASE_NAME], results["math"]
     print(f"\nMeasured in {seconds / 60:.1f} min: perplexity {base_result.perplexity:.3f} (base) -> "
           f"{head_result.perplexity:.3f} (math head); exact match {base_result.exact_match:.2f} -> "
           f"{head_result.exact_match:.2f} on {head_result.n} held-out problems. Written to "
           f"{output / 'demo_results.json'}.")  # fmt: skip
+    if summary["pictures"]:
+        print("Pictures: " + ", ".join(summary["pictures"]))
+    else:
+        print(missing_plots_message())
     return summary
+
+
+def _draw_pictures(output: Path, report: TrainingReport, results: dict[str, EvalResult]) -> list[str]:
+    """The loss curve and base against head, as PNG files in `output`; none without matplotlib."""
+    if not plots_available():
+        return []
+    loss = plot_loss_curve(report.losses, output / "training_loss.png")
+    metrics = plot_comparison(
+        {name: result.to_dict() for name, result in results.items()}, output / "base_vs_head.png"
+    )
+    return [str(loss), str(metrics)]
 
 
 def _options(directory: Path, minutes: float, seed: int) -> TrainingOptions:

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -33,6 +34,7 @@ from .data import (
 )
 from .metrics import exact_match, extract_answer, mean_token_overlap, numeric_errors, perplexity
 from .problems import MathExample
+from .progress import Progress
 
 BASE_NAME = "base"  # how results name the frozen base without a head (use_head also takes "__base__")
 
@@ -66,23 +68,31 @@ def target_nll(
     *,
     max_length: int = 512,
     batch_size: int = 8,
+    progress: bool = True,
 ) -> tuple[float, int, TruncationReport]:
     """Summed negative log-likelihood (nats) of the target tokens, their count, and what truncation did."""
     dataset, report = tokenize_examples(examples, tokenizer, max_length)
     collate = PaddingCollator.from_tokenizer(tokenizer)
     device = _device(model)
     total_nll, total_tokens = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        labels = batch["labels"].to(device)[:, 1:]  # position t predicts token t + 1
-        nll = F.cross_entropy(
-            logits[:, :-1].float().transpose(1, 2), labels, ignore_index=IGNORE_INDEX, reduction="sum"
-        )
-        total_nll += nll.item()
-        total_tokens += int((labels != IGNORE_INDEX).sum())
+    batches = range(0, len(dataset), batch_size)
+    with Progress(len(batches), "perplexity", enabled=progress) as shown:
+        for start in batches:
+            batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+            nll, tokens = _batch_nll(model, batch, device)
+            total_nll, total_tokens = total_nll + nll, total_tokens + tokens
+            shown.update(1)
     return total_nll, total_tokens, report
+
+
+def _batch_nll(model: PreTrainedModel, batch: dict[str, torch.Tensor], device: torch.device) -> tuple[float, int]:
+    """Summed NLL of one padded batch's target tokens, and their count."""
+    input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    labels = batch["labels"].to(device)[:, 1:]  # position t predicts token t + 1
+    shifted = logits[:, :-1].float().transpose(1, 2)  # (B, V, T - 1), as cross_entropy wants
+    nll = F.cross_entropy(shifted, labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    return nll.item(), int((labels != IGNORE_INDEX).sum())
 
 
 @torch.no_grad()
@@ -94,16 +104,24 @@ def generate_solutions(
     max_new_tokens: int = 256,
     batch_size: int = 8,
     adapter_names: Sequence[str] | None = None,
+    progress: bool = True,
+    deadline: float | None = None,
     **generation_kwargs,
 ) -> list[str]:
     """Generated solutions for `problems` (greedy unless sampling options are given), decoded without prompts.
 
-    `adapter_names` (one per problem) runs a different head per problem in the same batches.
+    `adapter_names` (one per problem) runs a different head per problem in the same batches. `progress` shows the
+    problems done, the tokens generated per second and the time left. With a `deadline` (a `time.monotonic()`
+    value), no batch starts after it, so fewer solutions than problems may come back (at least one batch does).
     """
     device = _device(model)
     outputs: list[str] = []
-    with _left_padding(tokenizer):
+    start_time, new_token_count = time.monotonic(), 0
+    shown = Progress(len(problems), "generating", unit="problem", enabled=progress)
+    with _left_padding(tokenizer), shown:
         for start in range(0, len(problems), batch_size):
+            if deadline is not None and outputs and time.monotonic() >= deadline:
+                break
             prompts = [format_prompt(p, tokenizer) for p in problems[start : start + batch_size]]
             encoded = tokenizer(
                 prompts, return_tensors="pt", padding=True, add_special_tokens=prompt_adds_special_tokens(tokenizer)
@@ -115,6 +133,9 @@ def generate_solutions(
             generated = model.generate(**encoded, **kwargs)
             new_tokens = generated[:, encoded["input_ids"].shape[1] :]
             outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
+            new_token_count += int((new_tokens != pad_token_id(tokenizer)).sum())
+            rate = new_token_count / max(time.monotonic() - start_time, 1e-9)
+            shown.update(len(new_tokens), tokens_per_s=rate)
     return outputs
 
 
@@ -127,18 +148,23 @@ def evaluate(
     batch_size: int = 8,
     max_length: int = 512,
     generation_limit: int | None = None,
+    progress: bool = True,
+    deadline: float | None = None,
 ) -> EvalResult:
     """All metrics of the model as it is now (its active head, or the base inside `disable_adapter()`).
 
-    Perplexity covers every example; generation (the slow part) covers the first `generation_limit` of them.
+    Perplexity covers every example; generation (the slow part) covers the first `generation_limit` of them, or
+    fewer when the `deadline` (a `time.monotonic()` value) passes first: `n` says how many were scored.
     """
     total_nll, total_tokens, truncation = target_nll(
-        model, tokenizer, examples, max_length=max_length, batch_size=batch_size
+        model, tokenizer, examples, max_length=max_length, batch_size=batch_size, progress=progress
     )
     scored = list(examples[:generation_limit]) if generation_limit is not None else list(examples)
     solutions = generate_solutions(
-        model, tokenizer, [e.problem for e in scored], max_new_tokens=max_new_tokens, batch_size=batch_size
-    )
+        model, tokenizer, [e.problem for e in scored], max_new_tokens=max_new_tokens, batch_size=batch_size,
+        progress=progress, deadline=deadline,
+    )  # fmt: skip
+    scored = scored[: len(solutions)]
     predicted = [extract_answer(s) for s in solutions]
     references = [e.answer for e in scored]
     errors = numeric_errors(predicted, references)
@@ -164,13 +190,25 @@ def evaluate_heads(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[MathExample],
     heads: Sequence[str],
+    *,
+    time_budget_seconds: float | None = None,
     **kwargs,
 ) -> dict[str, EvalResult]:
-    """Evaluate several heads of one PeftModel (and the base, named 'base') on the same problems."""
-    results = {}
-    for name in heads:
+    """Evaluate several heads of one PeftModel (and the base, named 'base') on the same problems.
+
+    With `time_budget_seconds`, the first model gets its share of the budget (budget / number of models) and
+    generates until the share is spent; the others are then scored on exactly the problems it reached, so every
+    model is compared on the same problems. The budget is a guide: a slower head can take longer than its share.
+    """
+    results: dict[str, EvalResult] = {}
+    for index, name in enumerate(heads):
+        deadline = None
+        if time_budget_seconds is not None and index == 0:
+            deadline = time.monotonic() + time_budget_seconds / len(heads)
         with use_head(model, name):
-            results[name] = evaluate(model, tokenizer, examples, **kwargs)
+            results[name] = evaluate(model, tokenizer, examples, deadline=deadline, **kwargs)
+        if deadline is not None:
+            kwargs["generation_limit"] = results[name].n
     return results
 
 
