@@ -10,10 +10,18 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+from transformers import GenerationConfig
 
 from ._peft_type import PREFIX
 from .config import BackAttnConfig
-from .layer import BASE_ADAPTER_NAME, BackAttnLayer, check_mergeable, output_layer_shape
+from .layer import (
+    BASE_ADAPTER_NAME,
+    BackAttnLayer,
+    check_adapter_names,
+    check_mergeable,
+    expand_adapter_names,
+    output_layer_shape,
+)
 
 
 class BackAttnModel(BaseTuner):
@@ -26,6 +34,9 @@ class BackAttnModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = BackAttnLayer
     target_module_mapping: dict[str, list[str]] = {}
+    # The adapter_names of the forward()/generate() call in progress (a class default: BaseTuner forwards unknown
+    # attribute names to the wrapped model).
+    _adapter_names_call: _AdapterNamesCall | None = None
 
     def _prepare_adapter_config(self, peft_config: BackAttnConfig, model_config: dict) -> BackAttnConfig:
         """Resolve the output module and check (or record) the base shapes, before anything is changed."""
@@ -56,6 +67,13 @@ class BackAttnModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' generate(); tells the `adapter_names` hooks how often it repeats each input sequence."""
+        call = self._adapter_names_call
+        if call is not None:
+            call.repeat = generation_repeat(self.model, args, kwargs)
+        return self.model.generate(*args, **kwargs)
+
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's tuner-level switch accepts any name; refuse unknown ones before anything changes."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -84,6 +102,7 @@ class BackAttnModel(BaseTuner):
         if adapter_names is None:
             yield
             return
+        check_adapter_names(adapter_names)
         if self.training:
             raise ValueError("adapter_names runs several heads for inference only; call model.eval() first.")
         known = sorted(self.peft_config)
@@ -96,15 +115,17 @@ class BackAttnModel(BaseTuner):
         layers = [module for module in self.model.modules() if isinstance(module, BackAttnLayer)]
         if any(layer.merged for layer in layers):
             raise ValueError("adapter_names cannot be used while a head is merged; call unmerge_adapter() first.")
+        # One name per sample; generate() (below) sets how often it repeats each sample before the first forward.
+        call = _AdapterNamesCall(list(adapter_names))
         handles = [
-            layer.register_forward_pre_hook(
-                partial(_pass_adapter_names, adapter_names=adapter_names), with_kwargs=True
-            )
+            layer.register_forward_pre_hook(partial(_pass_adapter_names, call=call), with_kwargs=True)
             for layer in layers
         ]
+        self._adapter_names_call = call
         try:
             yield
         finally:
+            self._adapter_names_call = None
             for handle in handles:
                 handle.remove()
 
@@ -129,9 +150,37 @@ class BackAttnModel(BaseTuner):
         return remapped
 
 
-def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
-    kwargs["adapter_names"] = adapter_names
+class _AdapterNamesCall:
+    """The `adapter_names` of one forward() or generate() call, and how often generate() repeats each sample."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.repeat = 1
+
+
+def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, call: _AdapterNamesCall) -> tuple:
+    hidden = args[0] if args else kwargs["x"]
+    kwargs["adapter_names"] = expand_adapter_names(call.names, hidden.shape[0], repeat=call.repeat)
     return args, kwargs
+
+
+def generation_repeat(model: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Rows generate() makes of each input sequence: max(num_beams, num_return_sequences), as transformers does.
+
+    Each setting comes from the call's keyword, else the `generation_config` passed in, else the model's own.
+    """
+    passed = [a for a in (kwargs.get("generation_config"), *args) if isinstance(a, GenerationConfig)]
+    configs = [*passed, getattr(model, "generation_config", None)]
+
+    def setting(name: str) -> int:
+        value = kwargs.get(name)
+        for config in configs:
+            if value is not None:
+                break
+            value = getattr(config, name, None)
+        return value or 1
+
+    return max(setting("num_beams"), setting("num_return_sequences"))
 
 
 def find_output_module_name(model: nn.Module) -> str:
