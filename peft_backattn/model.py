@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,6 +14,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers import GenerationConfig
 
+from ._files import check_head_tensor
 from ._peft_type import PREFIX
 from .config import BackAttnConfig
 from .layer import (
@@ -38,6 +40,11 @@ class BackAttnModel(BaseTuner):
     # The adapter_names of the forward()/generate() call in progress (a class default: BaseTuner forwards unknown
     # attribute names to the wrapped model).
     _adapter_names_call: _AdapterNamesCall | None = None
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """Attach head `adapter_name` from a copy of its config: the object the caller passed is never written to."""
+        self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _prepare_adapter_config(self, peft_config: BackAttnConfig, model_config: dict) -> BackAttnConfig:
         """Resolve the output module and check (or record) the base shapes, before anything is changed."""
@@ -196,6 +203,7 @@ class BackAttnModel(BaseTuner):
                     f"Weight {key} has shape {tuple(remapped[key].shape)} in the checkpoint but "
                     f"{tuple(param.shape)} in the model."
                 )
+            check_head_tensor(f"The checkpoint's {key}", remapped[key])
         return remapped
 
 
@@ -360,6 +368,12 @@ def check_base_compatibility(config: BackAttnConfig, model: nn.Module) -> None:
         ) from None
     if isinstance(output, BackAttnLayer):
         output = output.get_base_layer()
+    if not isinstance(output, nn.Linear):  # bitsandbytes' quantised linear layers are nn.Linear too
+        raise ValueError(
+            f"BackAttnConfig.head_module={config.head_module!r} is a {type(output).__name__}, not a linear output "
+            "layer (nn.Linear from hidden states to vocabulary logits); name the output layer, e.g. 'lm_head', or "
+            "leave head_module=None."
+        )
     hidden_size, vocab_size = output_layer_shape(output)
     vocab_rows, embedding_dim = input_embeddings_of(model).weight.shape
     if vocab_rows != vocab_size:
