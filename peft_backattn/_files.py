@@ -46,9 +46,17 @@ def validate_head_folder(folder: str, config: BackAttnConfig) -> None:
     expected = expected_head_shapes(config)
     try:
         with safe_open(weights, framework="pt") as handle:
-            tensors = {key.removeprefix(_MODEL_PREFIX): handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118
     except (SafetensorError, OSError, RuntimeError) as error:
         raise ValueError(f"{weights} is truncated or corrupted ({error}); nothing was loaded.") from None
+    # PEFT loads a file into a PeftModel by these full keys: a key without the prefix would match no head weight.
+    unprefixed = sorted(key for key in tensors if not key.startswith(_MODEL_PREFIX))
+    if unprefixed:
+        raise ValueError(
+            f"{weights}: key {unprefixed[0]!r} lacks the {_MODEL_PREFIX!r} prefix that PEFT saves and loads head "
+            "weights with; re-save the head with save_pretrained(). Nothing was loaded."
+        )
+    tensors = {key.removeprefix(_MODEL_PREFIX): tensor for key, tensor in tensors.items()}
     found = {key: tuple(tensor.shape) for key, tensor in tensors.items()}
     if set(found) != set(expected):
         missing = sorted(set(expected) - set(found))
@@ -62,5 +70,12 @@ def validate_head_folder(folder: str, config: BackAttnConfig) -> None:
             raise ValueError(
                 f"{weights}: {key} has shape {found[key]}, but the config describes {shape}; nothing was loaded."
             )
-        if not torch.isfinite(tensors[key]).all():
-            raise ValueError(f"{weights}: {key} holds NaN or infinite values; nothing was loaded.")
+        check_head_tensor(f"{weights}: {key}", tensors[key])
+
+
+def check_head_tensor(name: str, tensor: torch.Tensor) -> None:
+    """Refuse a head weight that is not floating point (it would be cast silently) or not finite."""
+    if not tensor.dtype.is_floating_point:
+        raise ValueError(f"{name} has dtype {tensor.dtype}, but head weights are floating point; nothing was loaded.")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} holds NaN or infinite values; nothing was loaded.")

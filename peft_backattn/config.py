@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ LogitWeighting = Literal["raw", "softmax"]
 CombineMode = Literal["replace", "residual"]
 LOGIT_WEIGHTINGS: tuple[str, ...] = get_args(LogitWeighting)
 COMBINE_MODES: tuple[str, ...] = get_args(CombineMode)
+CONFIG_NAME = "adapter_config.json"
 # The one list of query non-linearities: the config validates against its names, the head and the reference apply it.
 QUERY_ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -112,7 +114,8 @@ class BackAttnConfig(PeftConfig):
         metadata={
             "help": (
                 "Name of the output module to wrap, e.g. 'lm_head'. None: the module returned by "
-                "model.get_output_embeddings(). Filled in when the head is attached."
+                "model.get_output_embeddings(). Filled in when the head is attached, in the model's copy of the "
+                "config (the object passed in is left as it is)."
             )
         },
     )
@@ -144,6 +147,9 @@ class BackAttnConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.peft_type is not None and self.peft_type != BACKATTN:
+            value = getattr(self.peft_type, "value", self.peft_type)
+            raise ValueError(f"BackAttnConfig.peft_type must be {BACKATTN.value!r}, got {value!r}.")
         self.peft_type = BACKATTN
         if self.task_type is None:
             self.task_type = TaskType.CAUSAL_LM
@@ -163,6 +169,19 @@ class BackAttnConfig(PeftConfig):
         if os.path.isdir(folder):
             validate_head_folder(folder, config)
         return config
+
+    @classmethod
+    def check_kwargs(cls, **kwargs) -> dict:
+        """Refuse a saved config of another method before PEFT dispatches on its `peft_type` (a bare KeyError)."""
+        peft_type = kwargs.get("peft_type")
+        if peft_type is not None:
+            check_peft_type(peft_type, CONFIG_NAME)
+            if peft_type != BACKATTN:
+                raise ValueError(
+                    f"{CONFIG_NAME} has peft_type {peft_type!r}, not {BACKATTN.value!r}: it is another PEFT method's "
+                    "adapter, not a backattn head."
+                )
+        return super().check_kwargs(**kwargs)
 
     @property
     def is_linear(self) -> bool:
@@ -188,16 +207,23 @@ class BackAttnConfig(PeftConfig):
                 allowed = ", ".join(repr(c) for c in choices) + (" or None" if allow_none else "")
                 raise ValueError(f"BackAttnConfig.{name} must be one of {allowed}, got {value!r}.")
 
+        def finite_positive(name: str, allow_none: bool = False) -> None:
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
+                allowed = " or None" if allow_none else ""
+                raise ValueError(f"BackAttnConfig.{name} must be a finite positive number{allowed}, got {value!r}.")
+
         positive_int("r")
         positive_int("num_heads")
         positive_int("chunk_size")
         one_of("logit_weighting", LOGIT_WEIGHTINGS)
         one_of("combine", COMBINE_MODES)
         one_of("query_activation", tuple(QUERY_ACTIVATIONS), allow_none=True)
-        if self.scaling is not None and not (isinstance(self.scaling, (int, float)) and self.scaling > 0):
-            raise ValueError(f"BackAttnConfig.scaling must be a positive number or None, got {self.scaling!r}.")
-        if not (isinstance(self.rms_norm_eps, (int, float)) and self.rms_norm_eps > 0):
-            raise ValueError(f"BackAttnConfig.rms_norm_eps must be a positive number, got {self.rms_norm_eps!r}.")
+        finite_positive("scaling", allow_none=True)
+        finite_positive("rms_norm_eps")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"BackAttnConfig.init_weights must be True or False, got {self.init_weights!r}.")
         if self.target_modules is not None:
@@ -210,3 +236,25 @@ class BackAttnConfig(PeftConfig):
         for name in ("base_vocab_size", "base_hidden_size", "base_embedding_dim"):
             if getattr(self, name) is not None:
                 positive_int(name)
+
+
+class UnknownPeftTypeError(ValueError, KeyError):
+    """A `peft_type` that no PEFT method in this process has: a one-line ValueError, and still the KeyError that
+    PEFT's own lookup raised, for callers that catch that."""
+
+    __str__ = BaseException.__str__  # KeyError's would quote the message
+
+
+def check_peft_type(peft_type: object, source: str) -> None:
+    """Raise `UnknownPeftTypeError` unless `peft_type` (read from `source`) names a registered PEFT method."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+
+    if isinstance(peft_type, str) and peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
+        return
+    expected = f"a backattn head has peft_type {BACKATTN.value!r}"
+    if peft_type is None:
+        raise UnknownPeftTypeError(f"{source} has no peft_type; {expected}.")
+    raise UnknownPeftTypeError(
+        f"{source} has peft_type {getattr(peft_type, 'value', peft_type)!r}, which is not a PEFT method known here; "
+        f"{expected} (for another method, import the package that registers it first)."
+    )

@@ -491,17 +491,34 @@ def check_mergeable(adapter_name: str, config: BackAttnConfig) -> None:
     )
 
 
-def expand_adapter_names(adapter_names: list[str], batch: int) -> list[str]:
-    """Match per-sample names to the batch; generate() repeats each sample (beams, return sequences) in place."""
-    if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
-        raise TypeError(f"adapter_names must be a list of adapter names, one per sample, got {adapter_names!r}.")
+def check_adapter_names(adapter_names: object) -> None:
+    """Raise a one-line TypeError unless `adapter_names` is a list (or tuple) of head names."""
+    if not isinstance(adapter_names, (list, tuple)):
+        got = f"the string {adapter_names!r}" if isinstance(adapter_names, str) else type(adapter_names).__name__
+        raise TypeError(f"adapter_names must be a list with one head name per sample, got {got}.")
+    for index, name in enumerate(adapter_names):
+        if not isinstance(name, str):
+            raise TypeError(
+                f"adapter_names[{index}] is {name!r} ({type(name).__name__}); adapter_names holds head names "
+                f"(str), one per sample, {BASE_ADAPTER_NAME!r} for the base model alone."
+            )
+
+
+def expand_adapter_names(adapter_names: list[str], batch: int, repeat: int = 1) -> list[str]:
+    """One name per sample of the batch. generate() repeats each sample `repeat` times in place (beams, returned
+    sequences), and only it passes `repeat` > 1; any other length mismatch is refused, as PEFT's LoRA does."""
+    check_adapter_names(adapter_names)
     count = len(adapter_names)
-    if count == batch:
-        return list(adapter_names)
-    if count and batch % count == 0:
-        repeat = batch // count
-        return [name for name in adapter_names for _ in range(repeat)]
-    raise ValueError(f"adapter_names has {count} entries but the batch has {batch} samples; pass one per sample.")
+    if count * repeat != batch:
+        if repeat == 1:
+            raise ValueError(
+                f"adapter_names has {count} entries but the batch has {batch} samples; pass one name per sample."
+            )
+        raise ValueError(
+            f"adapter_names has {count} entries, repeated {repeat} times by generate(), but the batch has {batch} "
+            "samples; pass one name per input sequence."
+        )
+    return [name for name in adapter_names for _ in range(repeat)]
 
 
 def output_layer_shape(module: nn.Module) -> tuple[int, int]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -10,10 +12,19 @@ from typing import Any
 import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
+from transformers import GenerationConfig
 
+from ._files import check_head_tensor
 from ._peft_type import PREFIX
 from .config import BackAttnConfig
-from .layer import BASE_ADAPTER_NAME, BackAttnLayer, check_mergeable, output_layer_shape
+from .layer import (
+    BASE_ADAPTER_NAME,
+    BackAttnLayer,
+    check_adapter_names,
+    check_mergeable,
+    expand_adapter_names,
+    output_layer_shape,
+)
 
 
 class BackAttnModel(BaseTuner):
@@ -26,6 +37,14 @@ class BackAttnModel(BaseTuner):
     prefix: str = PREFIX
     tuner_layer_cls = BackAttnLayer
     target_module_mapping: dict[str, list[str]] = {}
+    # The adapter_names of the forward()/generate() call in progress (a class default: BaseTuner forwards unknown
+    # attribute names to the wrapped model).
+    _adapter_names_call: _AdapterNamesCall | None = None
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """Attach head `adapter_name` from a copy of its config: the object the caller passed is never written to."""
+        self.peft_config[adapter_name] = copy.deepcopy(self.peft_config[adapter_name])
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
 
     def _prepare_adapter_config(self, peft_config: BackAttnConfig, model_config: dict) -> BackAttnConfig:
         """Resolve the output module and check (or record) the base shapes, before anything is changed."""
@@ -55,6 +74,61 @@ class BackAttnModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+        retarget_tied_weights(self.model, current_key, wrapped=True)
+
+    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        super().merge_adapter(*args, **kwargs)
+        self._sync_ties()
+
+    def unmerge_adapter(self, *args: Any, **kwargs: Any) -> None:
+        super().unmerge_adapter(*args, **kwargs)
+        self._sync_ties()
+
+    def _sync_ties(self) -> None:
+        """A merged layer has its own output matrix: hold its tie entries until it is unmerged."""
+        held = self.__dict__.setdefault("_held_ties", {})
+        for name, layer in self._wrapped_layers():
+            if layer.merged and name not in held:
+                held[name] = hold_ties(self.model, f"{name}.base_layer.weight")
+            elif not layer.merged and name in held:
+                restore_ties(self.model, held.pop(name))
+
+    def _wrapped_layers(self) -> list[tuple[str, BackAttnLayer]]:
+        return [(name, module) for name, module in self.model.named_modules() if isinstance(module, BackAttnLayer)]
+
+    def _unload_and_optionally_merge(self, *args: Any, **kwargs: Any) -> nn.Module:
+        """Unwrap the output layer and give transformers' tie mappings their own keys back; after a merge the output
+        layer has its own matrix and stays untied (PEFT sets `tie_word_embeddings=False`)."""
+        wrapped = [name for name, _ in self._wrapped_layers()]
+        for name in wrapped:
+            restore_ties(self.model, self.__dict__.get("_held_ties", {}).pop(name, []))
+        model = super()._unload_and_optionally_merge(*args, **kwargs)
+        for name in wrapped:
+            retarget_tied_weights(model, name, wrapped=False)
+            forget_broken_ties(model, f"{name}.weight")
+        return model
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, *args: Any, **kwargs: Any
+    ) -> nn.Module:
+        """Refuse a new vocabulary size: a head scores the vocabulary it was built for (a same-size call passes)."""
+        vocab = input_embeddings_of(self.model).weight.shape[0]
+        target = vocab if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            target = math.ceil(target / pad_to_multiple_of) * pad_to_multiple_of
+        if target != vocab:
+            raise ValueError(
+                f"resize_token_embeddings would change the vocabulary of {vocab} tokens that head(s) "
+                f"{sorted(self.peft_config)} score; resize the base model before attaching or loading a head."
+            )
+        return self.model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, *args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """transformers' generate(); tells the `adapter_names` hooks how often it repeats each input sequence."""
+        call = self._adapter_names_call
+        if call is not None:
+            call.repeat = generation_repeat(self.model, args, kwargs)
+        return self.model.generate(*args, **kwargs)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's tuner-level switch accepts any name; refuse unknown ones before anything changes."""
@@ -84,6 +158,7 @@ class BackAttnModel(BaseTuner):
         if adapter_names is None:
             yield
             return
+        check_adapter_names(adapter_names)
         if self.training:
             raise ValueError("adapter_names runs several heads for inference only; call model.eval() first.")
         known = sorted(self.peft_config)
@@ -96,15 +171,17 @@ class BackAttnModel(BaseTuner):
         layers = [module for module in self.model.modules() if isinstance(module, BackAttnLayer)]
         if any(layer.merged for layer in layers):
             raise ValueError("adapter_names cannot be used while a head is merged; call unmerge_adapter() first.")
+        # One name per sample; generate() (below) sets how often it repeats each sample before the first forward.
+        call = _AdapterNamesCall(list(adapter_names))
         handles = [
-            layer.register_forward_pre_hook(
-                partial(_pass_adapter_names, adapter_names=adapter_names), with_kwargs=True
-            )
+            layer.register_forward_pre_hook(partial(_pass_adapter_names, call=call), with_kwargs=True)
             for layer in layers
         ]
+        self._adapter_names_call = call
         try:
             yield
         finally:
+            self._adapter_names_call = None
             for handle in handles:
                 handle.remove()
 
@@ -126,12 +203,133 @@ class BackAttnModel(BaseTuner):
                     f"Weight {key} has shape {tuple(remapped[key].shape)} in the checkpoint but "
                     f"{tuple(param.shape)} in the model."
                 )
+            check_head_tensor(f"The checkpoint's {key}", remapped[key])
         return remapped
 
 
-def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, adapter_names: list[str]) -> tuple:
-    kwargs["adapter_names"] = adapter_names
+class _AdapterNamesCall:
+    """The `adapter_names` of one forward() or generate() call, and how often generate() repeats each sample."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.repeat = 1
+
+
+def _pass_adapter_names(module: nn.Module, args: tuple, kwargs: dict, call: _AdapterNamesCall) -> tuple:
+    hidden = args[0] if args else kwargs["x"]
+    kwargs["adapter_names"] = expand_adapter_names(call.names, hidden.shape[0], repeat=call.repeat)
     return args, kwargs
+
+
+def generation_repeat(model: nn.Module, args: tuple, kwargs: dict) -> int:
+    """Rows generate() makes of each input sequence: max(num_beams, num_return_sequences), as transformers does.
+
+    Each setting comes from the call's keyword, else the `generation_config` passed in, else the model's own.
+    """
+    passed = [a for a in (kwargs.get("generation_config"), *args) if isinstance(a, GenerationConfig)]
+    configs = [*passed, getattr(model, "generation_config", None)]
+
+    def setting(name: str) -> int:
+        value = kwargs.get(name)
+        for config in configs:
+            if value is not None:
+                break
+            value = getattr(config, name, None)
+        return value or 1
+
+    return max(setting("num_beams"), setting("num_return_sequences"))
+
+
+# transformers' tie mappings, {target: source} parameter names: the class's declared one (read by tie_weights()) and
+# the expanded one each (sub)model keeps (read by tie_weights(recompute_mapping=False) and by save/load).
+TIE_MAPPINGS = ("_tied_weights_keys", "all_tied_weights_keys")
+HeldTie = tuple[str, str, str, str]  # (module prefix, mapping attribute, target, source)
+
+
+def retarget_tied_weights(model: nn.Module, layer_name: str, wrapped: bool) -> None:
+    """Point transformers' tie mappings at `<layer>.base_layer.weight` while the layer is wrapped, and back after.
+
+    transformers re-ties (`tie_weights()`, also inside `resize_token_embeddings`) by setting each target of the
+    mapping on its parent module. For `lm_head.weight` that parent is the wrapper, whose `weight` is a read-only
+    property (KeyError "attribute 'weight' already exists"); the wrapped layer's own weight is the one to keep tied.
+    """
+    plain, inner = f"{layer_name}.weight", f"{layer_name}.base_layer.weight"
+    old, new = (plain, inner) if wrapped else (inner, plain)
+    for prefix, module, attribute, mapping in _tie_mappings(model, old):
+        relative_old, relative_new = _relative(old, prefix), _relative(new, prefix)
+        if relative_old in mapping or relative_old in mapping.values():
+            _set_mapping(
+                module,
+                attribute,
+                {
+                    (relative_new if key == relative_old else key): (relative_new if value == relative_old else value)
+                    for key, value in mapping.items()
+                },
+            )
+
+
+def hold_ties(model: nn.Module, weight_name: str) -> list[HeldTie]:
+    """Take the tie entries of `weight_name` out of the mappings (a merged head's layer has its own matrix, which
+    `tie_weights()` would otherwise overwrite with the embeddings); `restore_ties` puts them back."""
+    held = []
+    for prefix, module, attribute, mapping in _tie_mappings(model, weight_name):
+        name = _relative(weight_name, prefix)
+        entries = {key: value for key, value in mapping.items() if name in (key, value)}
+        if entries:
+            _set_mapping(module, attribute, {key: value for key, value in mapping.items() if key not in entries})
+            held.extend((prefix, attribute, key, value) for key, value in entries.items())
+    return held
+
+
+def restore_ties(model: nn.Module, held: list[HeldTie]) -> None:
+    for prefix, attribute, key, value in held:
+        module = model.get_submodule(prefix)
+        _set_mapping(module, attribute, {**(getattr(module, attribute, None) or {}), key: value})
+
+
+def forget_broken_ties(model: nn.Module, weight_name: str) -> None:
+    """Drop the expanded tie entries of `weight_name` that no longer hold (after merge_and_unload the output layer
+    has its own matrix), as transformers does for a checkpoint whose tied weights differ."""
+    for prefix, module, attribute, mapping in _tie_mappings(model, weight_name):
+        name = _relative(weight_name, prefix)
+        if attribute == "all_tied_weights_keys":
+            kept = {
+                key: value
+                for key, value in mapping.items()
+                if name not in (key, value) or _same_parameter(module, key, value)
+            }
+            if kept != mapping:
+                _set_mapping(module, attribute, kept)
+
+
+def _tie_mappings(model: nn.Module, weight_name: str) -> Iterator[tuple[str, nn.Module, str, dict]]:
+    """(prefix, module, attribute, mapping) for each tie mapping of the model and of its submodels above `weight_name`
+    (mapping keys are relative to their module)."""
+    for prefix, module in list(model.named_modules()):
+        if prefix and not weight_name.startswith(prefix + "."):
+            continue
+        for attribute in TIE_MAPPINGS:
+            mapping = getattr(module, attribute, None)
+            if isinstance(mapping, dict):
+                yield prefix, module, attribute, mapping
+
+
+def _relative(name: str, prefix: str) -> str:
+    return name[len(prefix) + 1 :] if prefix else name
+
+
+def _set_mapping(module: nn.Module, attribute: str, mapping: dict) -> None:
+    if mapping == getattr(type(module), attribute, None):
+        module.__dict__.pop(attribute, None)  # the class's own mapping again
+    else:
+        setattr(module, attribute, mapping)
+
+
+def _same_parameter(module: nn.Module, first: str, second: str) -> bool:
+    try:
+        return module.get_parameter(first) is module.get_parameter(second)
+    except AttributeError:
+        return False
 
 
 def find_output_module_name(model: nn.Module) -> str:
@@ -170,6 +368,12 @@ def check_base_compatibility(config: BackAttnConfig, model: nn.Module) -> None:
         ) from None
     if isinstance(output, BackAttnLayer):
         output = output.get_base_layer()
+    if not isinstance(output, nn.Linear):  # bitsandbytes' quantised linear layers are nn.Linear too
+        raise ValueError(
+            f"BackAttnConfig.head_module={config.head_module!r} is a {type(output).__name__}, not a linear output "
+            "layer (nn.Linear from hidden states to vocabulary logits); name the output layer, e.g. 'lm_head', or "
+            "leave head_module=None."
+        )
     hidden_size, vocab_size = output_layer_shape(output)
     vocab_rows, embedding_dim = input_embeddings_of(model).weight.shape
     if vocab_rows != vocab_size:
