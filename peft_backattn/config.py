@@ -11,6 +11,7 @@ from typing import Literal, get_args
 import torch
 import torch.nn.functional as F
 from peft.config import PeftConfig
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import TaskType
 
 from ._files import validate_head_folder
@@ -247,8 +248,6 @@ class UnknownPeftTypeError(ValueError, KeyError):
 
 def check_peft_type(peft_type: object, source: str) -> None:
     """Raise `UnknownPeftTypeError` unless `peft_type` (read from `source`) names a registered PEFT method."""
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
     if isinstance(peft_type, str) and peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
     expected = f"a backattn head has peft_type {BACKATTN.value!r}"
