@@ -94,6 +94,7 @@ def test_demo_runs_end_to_end_on_a_small_base(tiny_lm_dir, tmp_path, monkeypatch
     monkeypatch.setattr(demo, "PERPLEXITY_PROBLEMS", 6)
     monkeypatch.setattr(demo, "GENERATION_PROBLEMS", 4)
     monkeypatch.setattr(demo, "MAX_NEW_TOKENS", 6)
+    monkeypatch.setattr(demo, "GENERATION_BATCH", 2)
     monkeypatch.setattr(demo, "SECOND_HEAD_MINUTES", 0.02)
     code = run_cli("demo", "--model", tiny_lm_dir, "--output-dir", tmp_path, "--train-minutes", "0.05")
     assert code == 0
@@ -141,7 +142,11 @@ def test_demo_evaluation_budget_cuts_generation_short_and_says_so(tiny_lm_dir, t
     assert code == 0
     results = json.loads((tmp_path / "demo_results.json").read_text())["results"]
     assert results["base"]["n"] == results["math"]["n"] == 4  # one batch, then the budget is spent
-    assert "answers scored on 4 of 12 problems (both models on the same 4)" in capsys.readouterr().out
+    assert results["base"]["perplexity_problems"] == results["math"]["perplexity_problems"] == 4
+    assert (
+        "perplexity on 4 of 12 problems, answers scored on 4 of 12 (both models on the same problems)"
+        in capsys.readouterr().out
+    )
 
 
 @pytest.mark.parametrize("no_progress", [False, True], ids=["progress", "no-progress"])

@@ -7,13 +7,14 @@ and the generated solution's tokens against the reference solution's.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,7 +55,8 @@ class EvalResult:
     target_tokens: int  # tokens behind the perplexity
     numeric_pairs: int  # answer pairs behind MSE/RMSE
     unparsed_answers: int  # generations with no numeric answer where the reference has one (not in MSE/RMSE)
-    truncated: int  # examples cut to max_length for the perplexity (counted, never silent)
+    truncated: int  # examples cut to max_length (of all given; counted, never silent)
+    perplexity_problems: int  # problems behind the perplexity (all, unless a time budget ran out)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -105,38 +107,50 @@ def generate_solutions(
     batch_size: int = 8,
     adapter_names: Sequence[str] | None = None,
     progress: bool = True,
-    deadline: float | None = None,
     **generation_kwargs,
 ) -> list[str]:
     """Generated solutions for `problems` (greedy unless sampling options are given), decoded without prompts.
 
     `adapter_names` (one per problem) runs a different head per problem in the same batches. `progress` shows the
-    problems done, the tokens generated per second and the time left. With a `deadline` (a `time.monotonic()`
-    value), no batch starts after it, so fewer solutions than problems may come back (at least one batch does).
+    problems done, the tokens generated per second and the time left.
     """
-    device = _device(model)
     outputs: list[str] = []
     start_time, new_token_count = time.monotonic(), 0
-    shown = Progress(len(problems), "generating", unit="problem", enabled=progress)
-    with _left_padding(tokenizer), shown:
+    with Progress(len(problems), "generating", unit="problem", enabled=progress) as shown:
         for start in range(0, len(problems), batch_size):
-            if deadline is not None and outputs and time.monotonic() >= deadline:
-                break
-            prompts = [format_prompt(p, tokenizer) for p in problems[start : start + batch_size]]
-            encoded = tokenizer(
-                prompts, return_tensors="pt", padding=True, add_special_tokens=prompt_adds_special_tokens(tokenizer)
-            ).to(device)
-            kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(tokenizer), **generation_kwargs)
-            kwargs.setdefault("do_sample", False)
-            if adapter_names is not None:
-                kwargs["adapter_names"] = list(adapter_names[start : start + batch_size])
-            generated = model.generate(**encoded, **kwargs)
-            new_tokens = generated[:, encoded["input_ids"].shape[1] :]
-            outputs.extend(tokenizer.batch_decode(new_tokens, skip_special_tokens=True))
-            new_token_count += int((new_tokens != pad_token_id(tokenizer)).sum())
-            rate = new_token_count / max(time.monotonic() - start_time, 1e-9)
-            shown.update(len(new_tokens), tokens_per_s=rate)
+            names = None if adapter_names is None else list(adapter_names[start : start + batch_size])
+            texts, tokens = _generate_batch(
+                model, tokenizer, problems[start : start + batch_size], max_new_tokens, names, generation_kwargs
+            )
+            outputs += texts
+            new_token_count += tokens
+            shown.update(len(texts), tokens_per_s=new_token_count / max(time.monotonic() - start_time, 1e-9))
     return outputs
+
+
+@torch.no_grad()
+def _generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: Sequence[str],
+    max_new_tokens: int,
+    adapter_names: list[str] | None,
+    generation_kwargs: dict,
+) -> tuple[list[str], int]:
+    """One batch of solutions, decoded without their prompts, and the number of tokens generated (padding not)."""
+    prompts = [format_prompt(p, tokenizer) for p in problems]
+    with _left_padding(tokenizer):
+        encoded = tokenizer(
+            prompts, return_tensors="pt", padding=True, add_special_tokens=prompt_adds_special_tokens(tokenizer)
+        ).to(_device(model))
+    kwargs = dict(max_new_tokens=max_new_tokens, pad_token_id=pad_token_id(tokenizer), **generation_kwargs)
+    kwargs.setdefault("do_sample", False)
+    if adapter_names is not None:
+        kwargs["adapter_names"] = adapter_names
+    generated = model.generate(**encoded, **kwargs)
+    new_tokens = generated[:, encoded["input_ids"].shape[1] :]
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    return texts, int((new_tokens != pad_token_id(tokenizer)).sum())
 
 
 def evaluate(
@@ -149,22 +163,109 @@ def evaluate(
     max_length: int = 512,
     generation_limit: int | None = None,
     progress: bool = True,
-    deadline: float | None = None,
+    time_budget_seconds: float | None = None,
 ) -> EvalResult:
     """All metrics of the model as it is now (its active head, or the base inside `disable_adapter()`).
 
-    Perplexity covers every example; generation (the slow part) covers the first `generation_limit` of them, or
-    fewer when the `deadline` (a `time.monotonic()` value) passes first: `n` says how many were scored.
+    Perplexity covers every example and generation (the slow part) the first `generation_limit` of them, unless
+    `time_budget_seconds` runs out first (see `evaluate_heads`).
     """
-    total_nll, total_tokens, truncation = target_nll(
-        model, tokenizer, examples, max_length=max_length, batch_size=batch_size, progress=progress
+    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
+    models = {"model": nullcontext}
+    return _evaluate_together(
+        model, tokenizer, examples, models, generation_limit, progress, time_budget_seconds, **settings
+    )["model"]
+
+
+def evaluate_heads(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[MathExample],
+    heads: Sequence[str],
+    *,
+    max_new_tokens: int = 256,
+    batch_size: int = 8,
+    max_length: int = 512,
+    generation_limit: int | None = None,
+    progress: bool = True,
+    time_budget_seconds: float | None = None,
+) -> dict[str, EvalResult]:
+    """Evaluate several heads of one PeftModel (and the base, named 'base') on the same problems.
+
+    The models take turns batch by batch (a head switch costs milliseconds), so that every model is always scored
+    on the same problems. With `time_budget_seconds`, no perplexity batch starts after a third of the budget and no
+    generation batch after all of it (the first batch of each always runs): the budget bounds the evaluation to
+    within one batch per model, and `n` and `perplexity_problems` say how far it got.
+    """
+    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
+    models = {name: functools.partial(use_head, model, name) for name in heads}
+    return _evaluate_together(
+        model, tokenizer, examples, models, generation_limit, progress, time_budget_seconds, **settings
     )
+
+
+def _evaluate_together(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[MathExample],
+    models: dict[str, Callable[[], AbstractContextManager]],
+    generation_limit: int | None,
+    progress: bool,
+    time_budget_seconds: float | None,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    max_length: int,
+) -> dict[str, EvalResult]:
+    """Perplexity, then generation, batch by batch; on each batch every model in turn (entered by its context)."""
+    start = time.monotonic()
+    budget = math.inf if time_budget_seconds is None else time_budget_seconds
+
+    # Perplexity: teacher-forced NLL of the target tokens, at most a third of the budget.
+    dataset, truncation = tokenize_examples(examples, tokenizer, max_length)
+    collate = PaddingCollator.from_tokenizer(tokenizer)
+    device = _device(model)
+    nll = {name: [0.0, 0] for name in models}  # name -> [summed NLL, target tokens]
+    batches = range(0, len(dataset), batch_size)
+    perplexity_problems = 0
+    with Progress(len(batches), "perplexity", enabled=progress) as shown:
+        for first in batches:
+            if perplexity_problems and time.monotonic() - start >= budget / 3:
+                break
+            rows = range(first, min(first + batch_size, len(dataset)))
+            batch = collate([dataset[i] for i in rows])
+            for name, enter in models.items():
+                with enter():
+                    batch_nll, tokens = _batch_nll(model, batch, device)
+                nll[name][0] += batch_nll
+                nll[name][1] += tokens
+            perplexity_problems += len(rows)
+            shown.update(1)
+
+    # Generation: greedy solutions, scored against the references, until the budget is spent.
     scored = list(examples[:generation_limit]) if generation_limit is not None else list(examples)
-    solutions = generate_solutions(
-        model, tokenizer, [e.problem for e in scored], max_new_tokens=max_new_tokens, batch_size=batch_size,
-        progress=progress, deadline=deadline,
-    )  # fmt: skip
-    scored = scored[: len(solutions)]
+    solutions: dict[str, list[str]] = {name: [] for name in models}
+    generation_start, new_tokens = time.monotonic(), 0
+    with Progress(len(scored), "generating", unit="problem", enabled=progress) as shown:
+        for first in range(0, len(scored), batch_size):
+            if first and time.monotonic() - start >= budget:
+                break
+            problems = [e.problem for e in scored[first : first + batch_size]]
+            for name, enter in models.items():
+                with enter():
+                    texts, tokens = _generate_batch(model, tokenizer, problems, max_new_tokens, None, {})
+                solutions[name] += texts
+                new_tokens += tokens
+            shown.update(len(problems), tokens_per_s=new_tokens / max(time.monotonic() - generation_start, 1e-9))
+    scored = scored[: len(next(iter(solutions.values()), []))]
+
+    return {name: _result(nll[name], solutions[name], scored, truncation, perplexity_problems) for name in models}
+
+
+def _result(
+    nll: list, solutions: list[str], scored: list[MathExample], truncation: TruncationReport, perplexity_problems: int
+) -> EvalResult:
+    total_nll, total_tokens = nll
     predicted = [extract_answer(s) for s in solutions]
     references = [e.answer for e in scored]
     errors = numeric_errors(predicted, references)
@@ -182,34 +283,8 @@ def evaluate(
         numeric_pairs=errors.n,
         unparsed_answers=errors.n_unparsed,
         truncated=truncation.truncated + truncation.dropped,
+        perplexity_problems=perplexity_problems,
     )
-
-
-def evaluate_heads(
-    model: PeftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[MathExample],
-    heads: Sequence[str],
-    *,
-    time_budget_seconds: float | None = None,
-    **kwargs,
-) -> dict[str, EvalResult]:
-    """Evaluate several heads of one PeftModel (and the base, named 'base') on the same problems.
-
-    With `time_budget_seconds`, the first model gets its share of the budget (budget / number of models) and
-    generates until the share is spent; the others are then scored on exactly the problems it reached, so every
-    model is compared on the same problems. The budget is a guide: a slower head can take longer than its share.
-    """
-    results: dict[str, EvalResult] = {}
-    for index, name in enumerate(heads):
-        deadline = None
-        if time_budget_seconds is not None and index == 0:
-            deadline = time.monotonic() + time_budget_seconds / len(heads)
-        with use_head(model, name):
-            results[name] = evaluate(model, tokenizer, examples, deadline=deadline, **kwargs)
-        if deadline is not None:
-            kwargs["generation_limit"] = results[name].n
-    return results
 
 
 def load_heads(base: PreTrainedModel, head_dirs: Sequence[str | os.PathLike]) -> tuple[PeftModel, list[str]]:
