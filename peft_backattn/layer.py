@@ -105,7 +105,8 @@ class BackAttnHead(nn.Module):
         normalized = frozen.normalized
         parts = []
         with torch.no_grad():
-            for start in range(0, hidden.shape[0], self.config.chunk_size):
+            # At least one chunk, empty when there are no rows, so that (0, d_in) gives (0, d_e).
+            for start in range(0, max(hidden.shape[0], 1), self.config.chunk_size):
                 stop = start + self.config.chunk_size
                 z = base_logits[start:stop] if base_logits is not None else base_layer(hidden[start:stop])
                 probs = torch.softmax(z.float(), dim=-1)  # (chunk, V)
@@ -167,7 +168,7 @@ class BackAttnHead(nn.Module):
         recompute = torch.is_grad_enabled() and q.requires_grad
         rows_per_chunk = max(1, self.config.chunk_size // self.config.num_heads)
         pieces, out = [], None
-        for start in range(0, total, rows_per_chunk):
+        for start in range(0, max(total, 1), rows_per_chunk):  # one empty chunk when there are no rows
             rows = slice(start, start + rows_per_chunk)
             z = None
             if self.config.combine == "residual":
