@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
@@ -65,6 +65,24 @@ class BackAttnModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known_heads([adapter_name])
         super().delete_adapter(adapter_name)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base's generate(), with each head checking its caches against the weights once per call, not per token.
+
+        `PeftModel.generate` lands here. Nothing changes the weights between the steps of one call.
+        """
+        with ExitStack() as stack:
+            for layer in self._backattn_layers():
+                stack.enter_context(layer._weights_fixed())
+            return self.model.generate(*args, **kwargs)
+
+    def clear_caches(self) -> None:
+        """Free every head layer's cached tensors (`BackAttnLayer.clear_caches`); also `PeftModel.clear_caches()`."""
+        for layer in self._backattn_layers():
+            layer.clear_caches()
+
+    def _backattn_layers(self) -> list[BackAttnLayer]:
+        return [module for module in self.model.modules() if isinstance(module, BackAttnLayer)]
 
     def _check_known_heads(self, names: list[str]) -> None:
         unknown = [name for name in names if name not in self.peft_config]

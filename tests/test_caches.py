@@ -1,5 +1,5 @@
 """The head's caches are never stale: each way the tensors they were built from can change, and each context they can
-be built in (inference mode, autocast, offload hooks), against the literal reference or a freshly built model."""
+be built in (inference mode, autocast), against the literal reference or a freshly built model."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from conftest import VOCAB, build, randomize_heads
 from peft import get_peft_model
 from torch import nn
 
+import peft_backattn.layer as layer_module
 from peft_backattn import BackAttnConfig, BackAttnLayer, reference_logits
 
 # Every mode the caches serve: raw heads cache C (and, linear, the collapsed map), softmax heads only N.
@@ -48,6 +49,148 @@ def evaluated(layer: BackAttnLayer, hidden: torch.Tensor) -> torch.Tensor:
 
 def head_grads(model: nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+# -- 1. inference mode -----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+def test_training_after_a_forward_in_inference_mode(mode, input_ids):
+    model, _ = attach(mode=mode)
+    with torch.inference_mode():
+        model(input_ids=input_ids)  # builds every cache as it would in evaluation
+    model.train()
+    torch.manual_seed(0)  # the same dropout masks in both models
+    model(input_ids=input_ids, labels=input_ids).loss.backward()
+
+    fresh, _ = attach(mode=mode)
+    fresh.train()
+    torch.manual_seed(0)
+    fresh(input_ids=input_ids, labels=input_ids).loss.backward()
+    expected = head_grads(fresh)
+    got = head_grads(model)
+    assert got.keys() == expected.keys()
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], msg=name)
+
+
+# -- 2. autocast -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+def test_a_forward_under_autocast_leaves_full_precision_caches(mode):
+    _, layer = attach("llama", mode=mode)
+    hidden = hidden_states(layer)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        low = layer(hidden)
+    assert_matches_reference(layer, hidden, evaluated(layer, hidden))  # fp32, to fp32 accuracy
+    assert_matches_reference(layer, hidden, layer(hidden))  # and training
+    # The autocast forward itself is right to bf16 accuracy.
+    expected = reference_logits(hidden, layer.base_layer, layer.embedding_weight, layer.backattn_heads["default"])
+    torch.testing.assert_close(low.double(), expected, atol=0.1, rtol=0.05)
+
+
+# -- 3. weights that change without bumping _version -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+def test_a_data_write_to_a_head_weight_is_seen(mode):
+    model, layer = attach(mode=mode)
+    model.eval()
+    hidden = hidden_states(layer)
+    before = evaluated(layer, hidden)
+    layer.backattn_heads["default"].query_proj.data.mul_(3)  # no version bump
+    after = evaluated(layer, hidden)
+    assert not torch.allclose(before, after)
+    assert_matches_reference(layer, hidden, after)
+
+
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+def test_a_fused_optimizer_step_in_eval_mode_is_seen(mode):
+    model, layer = attach(mode=mode)
+    model.eval()
+    hidden = hidden_states(layer)
+    before = evaluated(layer, hidden)
+    head = layer.backattn_heads["default"]
+    optimizer = torch.optim.AdamW(head.parameters(), lr=0.1, fused=True)  # fused steps do not bump _version
+    layer(hidden).pow(2).mean().backward()
+    optimizer.step()
+    after = evaluated(layer, hidden)
+    assert not torch.allclose(before, after)
+    assert_matches_reference(layer, hidden, after)
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])  # tied: the output matrix changes too; untied: only E
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+def test_new_token_rows_written_through_data_are_seen(mode, arch, training):
+    model, layer = attach(arch, mode=mode)
+    model.train(training)
+    hidden = hidden_states(layer)
+    evaluated(layer, hidden)
+    layer(hidden)
+    embedding = model.get_base_model().get_input_embeddings()
+    embedding.weight.data[-5:] = embedding.weight.data[:-5].mean(dim=0) * 4  # the usual new-token initialisation
+    assert_matches_reference(layer, hidden, evaluated(layer, hidden))
+    assert_matches_reference(layer, hidden, layer(hidden))
+
+
+def test_a_data_write_to_an_untied_output_matrix_is_seen():
+    model, layer = attach("llama", mode=("raw", "replace", 1))  # C = W_out^T N / |V| depends on the output matrix
+    model.eval()
+    hidden = hidden_states(layer)
+    before = evaluated(layer, hidden)
+    layer.get_base_layer().weight.data.mul_(2)
+    after = evaluated(layer, hidden)
+    assert not torch.allclose(before, after)
+    assert_matches_reference(layer, hidden, after)
+
+
+def test_a_round_trip_through_half_precision_is_seen():
+    model, layer = attach("gpt2", mode=("raw", "residual", 1))
+    hidden = hidden_states(layer)
+    evaluated(layer, hidden)
+    model.to(torch.bfloat16).to(torch.float32)  # the weights come back rounded
+    assert_matches_reference(layer, hidden, evaluated(layer, hidden))
+
+
+def test_clear_caches_frees_the_cached_tensors():
+    model, layer = attach(mode=("raw", "residual", 1))
+    model.eval()
+    hidden = hidden_states(layer)
+    before = evaluated(layer, hidden)
+    assert layer._frozen_cache and layer._collapsed_cache
+    model.clear_caches()  # through the PeftModel; BackAttnLayer.clear_caches() for one layer
+    assert not layer._frozen_cache and not layer._collapsed_cache and not layer._base_copies
+    torch.testing.assert_close(evaluated(layer, hidden), before, atol=0, rtol=0)
+
+
+def test_generate_checks_the_weights_once_and_sees_changes_between_calls(input_ids, monkeypatch):
+    model, layer = attach("llama", mode=("raw", "residual", 1))
+    model.eval()
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=1)
+    model.generate(input_ids=input_ids, **kwargs)
+    comparisons = []
+    real = layer_module._same_contents
+    monkeypatch.setattr(layer_module, "_same_contents", lambda *args: comparisons.append(1) or real(*args))
+    with torch.no_grad():
+        model(input_ids=input_ids)
+    per_forward = len(comparisons)
+    comparisons.clear()
+    model.generate(input_ids=input_ids, **kwargs)
+    assert per_forward > 0 and len(comparisons) == per_forward  # six forwards, one check
+
+    layer.backattn_heads["default"].query_proj.data.mul_(3)
+    layer.embedding_weight.data[-5:] = 0.5
+    fresh, _ = attach("llama", mode=("raw", "residual", 1))
+    fresh.eval()
+    fresh_layer = next(m for m in fresh.modules() if isinstance(m, BackAttnLayer))
+    fresh_layer.load_state_dict(layer.state_dict())
+    fresh.get_base_model().get_input_embeddings().weight.data.copy_(layer.embedding_weight)
+    torch.testing.assert_close(
+        model.generate(input_ids=input_ids, output_logits=True, return_dict_in_generate=True, **kwargs).logits,
+        fresh.generate(input_ids=input_ids, output_logits=True, return_dict_in_generate=True, **kwargs).logits,
+    )
 
 
 # -- 5. no positions -------------------------------------------------------------------------------------------------
