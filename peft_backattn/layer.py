@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import itertools
 import warnings
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -104,13 +104,13 @@ class BackAttnHead(nn.Module):
         hidden: torch.Tensor,
         base_logits: torch.Tensor | None,
         frozen: FrozenTensors,
-        base_layer: nn.Module | None = None,
+        base_output: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """w N for each row: the logit-weighted sum of normalised embeddings, (n, d_e), before g and W_V.
 
         It depends on the frozen base only, so it needs no gradient. In softmax mode the probabilities are
         vocabulary-sized, so they are formed `chunk_size` rows at a time (from `base_logits`, or from
-        `base_layer` when the caller has no base logits to keep).
+        `base_output`, the base output layer as a function of hidden rows, when the caller keeps no base logits).
         """
         dtype = self.norm_scale.dtype
         if self.config.logit_weighting == "raw":
@@ -125,7 +125,7 @@ class BackAttnHead(nn.Module):
             # At least one chunk, empty when there are no rows, so that (0, d_in) gives (0, d_e).
             for start in range(0, max(hidden.shape[0], 1), self.config.chunk_size):
                 stop = start + self.config.chunk_size
-                z = base_logits[start:stop] if base_logits is not None else base_layer(hidden[start:stop])
+                z = base_logits[start:stop] if base_logits is not None else base_output(hidden[start:stop])
                 probs = torch.softmax(z.float(), dim=-1)  # (chunk, V)
                 parts.append(probs.to(normalized.dtype) @ normalized)  # (chunk, d_e)
         return torch.cat(parts).to(dtype)
@@ -171,7 +171,7 @@ class BackAttnHead(nn.Module):
         q: torch.Tensor,
         base_logits: torch.Tensor | None,
         frozen: FrozenTensors,
-        base_layer: nn.Module,
+        base_output: Callable[[torch.Tensor], torch.Tensor] | None,
     ) -> torch.Tensor:
         """Log of the mixture of softmaxes sum_h pi_h softmax(.), chunk by chunk; fp32.
 
@@ -189,7 +189,7 @@ class BackAttnHead(nn.Module):
             rows = slice(start, start + rows_per_chunk)
             z = None
             if self.config.combine == "residual":
-                z = base_logits[rows] if base_logits is not None else base_layer(hidden[rows])
+                z = base_logits[rows] if base_logits is not None else base_output(hidden[rows])
             args = (q_emb[rows], q[rows], z, frozen)
             if recompute:
                 pieces.append(checkpoint(self._mixture_chunk, *args, use_reentrant=False))
@@ -225,18 +225,18 @@ class BackAttnHead(nn.Module):
         hidden: torch.Tensor,
         base_logits: torch.Tensor | None,
         frozen: FrozenTensors,
-        base_layer: nn.Module | None = None,
+        base_output: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(n, d_in) hidden states -> (n, V) logits.
 
         A single residual head needs `base_logits` (n, V) and adds into them in place. Where they are not given,
-        the base logits are formed chunk by chunk from `base_layer` as needed (softmax weights, residual mixtures).
+        the base logits are formed chunk by chunk by `base_output` as needed (softmax weights, residual mixtures).
         """
-        q = self.query(self.weighted_embedding(hidden, base_logits, frozen, base_layer))  # (n, H, r)
+        q = self.query(self.weighted_embedding(hidden, base_logits, frozen, base_output))  # (n, H, r)
         q_emb = self.query_in_embedding_space(q)  # (n, H, d_e)
         if self.gate is None:
             return self.single_head_logits(q_emb[:, 0], base_logits, frozen)
-        return self.mixture_logits(hidden, q_emb, q, base_logits, frozen, base_layer)
+        return self.mixture_logits(hidden, q_emb, q, base_logits, frozen, base_output)
 
     # -- the collapsed form of a linear head ------------------------------------------------------------------
 
@@ -306,7 +306,8 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         """Add a freshly initialised head called `adapter_name`, on the base layer's device."""
         head = BackAttnHead(config, embedding_dim=self.embedding_weight.shape[1])
         self.backattn_heads[adapter_name] = head
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        # An offloaded base layer is on meta between forwards: the head goes where its hook runs it instead.
+        self._move_adapter_to_device_of_base_layer(adapter_name, device=offload_device(self.get_base_layer()))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -368,17 +369,21 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         # W_out and b matter to raw heads only; they are read when a raw head needs them or has used them.
         with_output = raw or "output weight" in self._base_copies
         base = self.get_base_layer()
-        live = {"embedding": self.embedding_weight}
-        if with_output:
-            live.update({"output weight": base.weight, "output bias": getattr(base, "bias", None)})
-        if not self._base_unchanged(live):
-            self._frozen_cache.clear()
-            self._base_copies.clear()
-        self._base_checked_in = self._block
-        cached = self._frozen_cache.get(key)
-        if cached is None:
-            cached = self._frozen_cache[key] = self._build_frozen_tensors(config, live)
-            self._copy_base(live)
+        with (
+            _readable(self._input_embeddings.module, "input embeddings"),
+            _readable(base, "output layer's weights") if with_output else nullcontext(),
+        ):
+            live = {"embedding": self.embedding_weight}
+            if with_output:
+                live.update({"output weight": base.weight, "output bias": getattr(base, "bias", None)})
+            if not self._base_unchanged(live):
+                self._frozen_cache.clear()
+                self._base_copies.clear()
+            self._base_checked_in = self._block
+            cached = self._frozen_cache.get(key)
+            if cached is None:
+                cached = self._frozen_cache[key] = self._build_frozen_tensors(config, live)
+                self._copy_base(live)
         return cached
 
     def _base_unchanged(self, live: dict[str, torch.Tensor | None]) -> bool:
@@ -443,11 +448,12 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         if current and self._checked_in_this_block(cached.checked_in):
             return cached.value
         head = self.backattn_heads[adapter_name]
-        weights = tuple(head.parameters())
-        if not (current and all(map(_same_contents, weights, cached.weights))):
-            with _building(*weights):
-                copies = tuple(_copy(weight) for weight in weights)
-                cached = _CollapsedMap(copies, head.collapsed_map(frozen), frozen.build, 0)
+        with _readable(head, f"weights of head {adapter_name!r}"):
+            weights = tuple(head.parameters())
+            if not (current and all(map(_same_contents, weights, cached.weights))):
+                with _building(*weights):
+                    copies = tuple(_copy(weight) for weight in weights)
+                    cached = _CollapsedMap(copies, head.collapsed_map(frozen), frozen.build, 0)
         self._collapsed_cache[adapter_name] = cached._replace(checked_in=self._block)
         return cached.value
 
@@ -490,7 +496,8 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         if config.is_linear and not needs_grad:
             logits = head.collapsed_forward(rows, base_logits, self._collapsed(adapter_name, frozen), frozen)
         else:
-            logits = head(rows, base_logits, frozen, base_layer=self.base_layer)
+            # The base layer goes in as a function: accelerate's offload hook on the head moves module arguments.
+            logits = head(rows, base_logits, frozen, base_output=self.base_layer.__call__)
         return logits.to(x.dtype).reshape(*x.shape[:-1], logits.shape[-1])
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
@@ -518,7 +525,11 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         check_mergeable(adapter_name, head.config)
         frozen = self.frozen_tensors(head.config)
         base = self.get_base_layer()
-        with _building(frozen.normalized):
+        with (
+            _readable(head, f"weights of head {adapter_name!r}"),
+            _readable(base, "output layer's weights"),
+            _building(frozen.normalized),
+        ):
             hidden_to_key, bias_to_key = head.collapsed_map(frozen)
             # scores = h M N^T + m0 N^T, so the weight is N M^T and the bias N m0, built in vocabulary chunks.
             rows = frozen.normalized.split(_ROWS_PER_VOCAB_CHUNK)
@@ -653,3 +664,45 @@ def _building(*tensors: torch.Tensor | None) -> Iterator[None]:
         for device_type in sorted(device_types):
             stack.enter_context(torch.autocast(device_type, enabled=False))
         yield
+
+
+def offload_device(module: nn.Module) -> torch.device | None:
+    """The device an accelerate offload hook loads `module`'s weights to, where they are offloaded; else None."""
+    if not _own_tensors_on_meta(module):
+        return None
+    hook = getattr(module, "_hf_hook", None)
+    for part in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+        if getattr(part, "offload", False) and part.execution_device is not None:
+            return torch.device(part.execution_device)
+    return None
+
+
+def _own_tensors_on_meta(module: nn.Module) -> bool:
+    tensors = itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
+    return any(tensor.is_meta for tensor in tensors)
+
+
+@contextmanager
+def _readable(module: nn.Module, what: str) -> Iterator[None]:
+    """Inside, `module`'s own weights hold their values, also where accelerate offloads them.
+
+    accelerate's offload (`cpu_offload`, a `device_map` with "cpu" or "disk" entries) keeps a module's weights on
+    the meta device between its forwards, and its pre-forward hook loads them. The head reads the input embeddings
+    (and the output layer's and its own weights) outside those forwards, so it runs the same hooks around its reads.
+    """
+    if not _own_tensors_on_meta(module):
+        yield
+        return
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None:
+        hook.pre_forward(module)
+    try:
+        if _own_tensors_on_meta(module):
+            raise RuntimeError(
+                f"The {what} are on the meta device and no accelerate hook loads them; load the model's weights "
+                "before running the backattn head."
+            )
+        yield
+    finally:
+        if hook is not None:
+            hook.post_forward(module, None)

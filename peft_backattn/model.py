@@ -13,7 +13,7 @@ from torch import nn
 
 from ._peft_type import PREFIX
 from .config import BackAttnConfig
-from .layer import BASE_ADAPTER_NAME, BackAttnLayer, check_mergeable, output_layer_shape
+from .layer import BASE_ADAPTER_NAME, BackAttnLayer, check_mergeable, offload_device, output_layer_shape
 
 
 class BackAttnModel(BaseTuner):
@@ -55,6 +55,14 @@ class BackAttnModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """PEFT then moves the new head to the device of the output layer's weight. Where accelerate offloads that
+        layer, that is `meta` (no values): the head stays where `update_layer` put it, on the hook's device."""
+        if offload_device(child) is None:
+            super()._replace_module(parent, child_name, new_module, child)
+        else:
+            setattr(parent, child_name, new_module)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's tuner-level switch accepts any name; refuse unknown ones before anything changes."""

@@ -1,5 +1,5 @@
 """The head's caches are never stale: each way the tensors they were built from can change, and each context they can
-be built in (inference mode, autocast), against the literal reference or a freshly built model."""
+be built in (inference mode, autocast, offload hooks), against the literal reference or a freshly built model."""
 
 from __future__ import annotations
 
@@ -191,6 +191,62 @@ def test_generate_checks_the_weights_once_and_sees_changes_between_calls(input_i
         model.generate(input_ids=input_ids, output_logits=True, return_dict_in_generate=True, **kwargs).logits,
         fresh.generate(input_ids=input_ids, output_logits=True, return_dict_in_generate=True, **kwargs).logits,
     )
+
+
+# -- 4. accelerate's offload -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("offload_first", [False, True], ids=["attach-offload", "offload-attach"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("mode", MODES, ids=mode_id)
+def test_cpu_offload_gives_the_same_logits(mode, arch, offload_first, input_ids):
+    from accelerate import cpu_offload
+
+    reference, _ = attach(arch, mode=mode)
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids).logits
+
+    weighting, combine, heads = mode
+    config = BackAttnConfig(r=8, logit_weighting=weighting, combine=combine, num_heads=heads)
+    model = build(arch)
+    if offload_first:
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    model = get_peft_model(model, config)
+    randomize_heads(model)
+    if not offload_first:
+        cpu_offload(model, execution_device=torch.device("cpu"))
+    layer = next(m for m in model.modules() if isinstance(m, BackAttnLayer))
+    assert layer.embedding_weight.device.type == "meta"  # what the head reads between forwards
+    for _ in range(2):  # building the caches, then using them
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=input_ids).logits, expected)
+    assert layer.embedding_weight.device.type == "meta"  # and put back
+
+
+@pytest.mark.parametrize("weighting", ["raw", "softmax"])
+def test_embeddings_offloaded_to_disk_by_a_device_map(weighting, tmp_path, input_ids):
+    from transformers import AutoModelForCausalLM
+
+    reference, _ = attach("llama", mode=(weighting, "residual", 1))
+    with torch.no_grad():
+        expected = reference(input_ids=input_ids).logits
+    build("llama").save_pretrained(tmp_path / "base")
+    device_map = {"model.embed_tokens": "disk", "model.layers": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu"}
+    base = AutoModelForCausalLM.from_pretrained(
+        tmp_path / "base", device_map={**device_map, "lm_head": "cpu"}, offload_folder=tmp_path / "offload"
+    )
+    assert base.get_input_embeddings().weight.device.type == "meta"
+    model = get_peft_model(base, BackAttnConfig(r=8, logit_weighting=weighting))
+    randomize_heads(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids).logits, expected)
+
+
+def test_meta_embeddings_without_a_hook_are_refused():
+    model, layer = attach(mode=("softmax", "residual", 1))
+    model.get_base_model().get_input_embeddings().to("meta")
+    with pytest.raises(RuntimeError, match=r"^The input embeddings are on the meta device and no accelerate hook"):
+        layer(hidden_states(layer))
 
 
 # -- 5. no positions -------------------------------------------------------------------------------------------------
