@@ -1,39 +1,51 @@
 """The `peft-backattn` command line: train, eval, generate and demo, each a thin layer over the Python API.
 
 Errors the user can fix (a wrong path, an unknown model, a dataset without the needed fields, a head from another
-base) print one line, `peft-backattn: error: ...`, and exit with status 2, without a traceback.
+base, an option out of range, a damaged file) print one line, `peft-backattn: error: ...`, and exit with status 2,
+without a traceback. Options are checked before anything is loaded or written.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import io
+import math
 import os
+import pickle
+import re
 import sys
+import types
 import typing
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import datasets
+import safetensors.torch
 import torch
 import transformers
 from peft import PeftConfig
+from safetensors import SafetensorError
 from transformers import set_seed
+from transformers.trainer_callback import TrainerState
 
 from . import __version__
 from .config import BackAttnConfig
 from .layer import BASE_ADAPTER_NAME
-from .workbench.base_models import EMBEDDED_DEFAULT, load_base_model
+from .workbench.base_models import EMBEDDED_DEFAULT, check_positions, load_base_config, load_base_model
 from .workbench.data import load_problems
 from .workbench.demo import EVAL_MINUTES, run_demo
 from .workbench.evaluation import (
     BASE_NAME,
+    check_generation_length,
     evaluate,
     evaluate_heads,
     format_table,
     generate_solutions,
+    head_names,
     load_heads,
     write_json,
 )
@@ -63,6 +75,54 @@ EXAMPLES = {
   peft-backattn demo
   peft-backattn demo --output-dir runs/demo --train-minutes 3""",
 }
+
+
+# Functions of the dependencies that read or write one file, and the parameter that names it. An error raised
+# inside one of them (a truncated checkpoint, a full disk) is about that file, which its message does not name.
+_FILE_READERS: dict[types.CodeType, str] = {
+    torch.load.__code__: "f",
+    safetensors.torch.load_file.__code__: "filename",
+    TrainerState.load_from_json.__func__.__code__: "json_path",
+}
+_FILE_WRITERS: dict[types.CodeType, str] = {
+    torch.save.__code__: "f",
+    safetensors.torch.save_file.__code__: "filename",
+    TrainerState.save_to_json.__code__: "json_path",
+}
+# Errors the command line turns into one line. The first three are raised by the file readers above on a damaged
+# file; one of them raised anywhere else is a bug and keeps its traceback.
+_FILE_ONLY_ERRORS = (EOFError, pickle.UnpicklingError, SafetensorError)
+_USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError, *_FILE_ONLY_ERRORS)
+
+
+def _number(text: str, kind: Callable[[str], int | float], test: Callable[[Any], bool], expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
+    if not test(value):
+        raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v > 0, "a positive integer")
+
+
+def non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def seed_int(text: str) -> int:
+    return _number(text, int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1")
+
+
+def positive_float(text: str) -> float:
+    return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
+
+
+def non_negative_float(text: str) -> float:
+    return _number(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -161,9 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument(
             "--subset", help="configuration of a hub dataset that has several, e.g. 'main' for openai/gsm8k"
         )
-        sub.add_argument("--limit", type=int, help="use the first N examples (synthetic: generate N; default 1000)")
+        sub.add_argument(
+            "--limit", type=positive_int, help="use the first N examples (synthetic: generate N; default 1000)"
+        )
         if seed:
-            sub.add_argument("--seed", type=int, default=0, help="seed of the generator and of shuffling")
+            sub.add_argument("--seed", type=seed_int, default=0, help="seed of the generator and of shuffling")
 
     train = command("train", "Fine-tune a head on math problems with the HF Trainer; saves only the head.")
     model_options(train)
@@ -178,10 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     data_options(evaluate, split="test")
     evaluate.add_argument("--heads", nargs="*", default=[], help="head folders to evaluate (named after them)")
     evaluate.add_argument("--no-base", action="store_true", help="do not evaluate the base without a head")
-    evaluate.add_argument("--generation-limit", type=int, help="score generations on the first N problems only")
-    evaluate.add_argument("--max-new-tokens", type=int, default=256, help="tokens generated per problem")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="problems per batch")
-    evaluate.add_argument("--max-length", type=int, default=512, help="tokens per example for perplexity")
+    evaluate.add_argument(
+        "--generation-limit",
+        type=non_negative_int,
+        help="score generations on the first N problems only; 0: no generation, perplexity only (default: all)",
+    )
+    evaluate.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens generated per problem")
+    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="problems per batch")
+    evaluate.add_argument("--max-length", type=positive_int, default=512, help="tokens per example for perplexity")
     evaluate.add_argument("--output", help="write the metrics to this JSON file")
 
     generate = command("generate", "Answer a problem with one or several heads, side by side.")
@@ -189,20 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--heads", nargs="*", default=[], help="head folders to answer with")
     generate.add_argument("--base", action="store_true", help="also answer with the base alone")
     generate.add_argument("--problem", required=True, help="the problem text")
-    generate.add_argument("--max-new-tokens", type=int, default=256, help="tokens to generate")
-    generate.add_argument("--temperature", type=float, help="sample at this temperature (default: greedy)")
-    generate.add_argument("--top-k", type=int, help="sample from the k most likely tokens")
-    generate.add_argument("--seed", type=int, default=0, help="sampling seed")
+    generate.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens to generate")
+    generate.add_argument(
+        "--temperature", type=non_negative_float, help="sample at this temperature; 0 means greedy (default: greedy)"
+    )
+    generate.add_argument(
+        "--top-k", type=positive_int, help="sample from the k most likely tokens (at temperature 1 unless given)"
+    )
+    generate.add_argument("--seed", type=seed_int, default=0, help="sampling seed")
 
     demo = command("demo", "The main job on the embedded defaults: train, evaluate, save, reload, swap heads.")
     demo.add_argument("--output-dir", default="runs/demo", help="where the heads and demo_results.json go")
     demo.add_argument("--model", default=EMBEDDED_DEFAULT, help="base model (default: the embedded SmolLM2)")
-    demo.add_argument("--train-minutes", type=float, default=3.0, help="training time of the math head")
+    demo.add_argument("--train-minutes", type=positive_float, default=3.0, help="training time of the math head")
     demo.add_argument(
-        "--eval-minutes", type=float, default=EVAL_MINUTES,
+        "--eval-minutes", type=non_negative_float, default=EVAL_MINUTES,
         help=f"time budget of the evaluation of base and head (default {EVAL_MINUTES:g}); it says what was cut",
     )  # fmt: skip
-    demo.add_argument("--seed", type=int, default=0, help="seed of data, head init and shuffling")
+    demo.add_argument("--seed", type=seed_int, default=0, help="seed of data, head init and shuffling")
     for sub in (evaluate, generate, demo):
         sub.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     return parser
@@ -213,13 +283,75 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"train": _train, "eval": _eval, "generate": _generate, "demo": _demo}[args.command](args)
-    except (ValueError, FileNotFoundError, RuntimeError, OSError) as error:
-        message = " ".join(str(error).split()) or type(error).__name__
-        print(f"peft-backattn: error: {message}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("peft-backattn: interrupted", file=sys.stderr)
         return 130
+    except _USER_ERRORS as error:
+        message = describe_error(error)
+        if message is None:
+            raise
+        print(f"peft-backattn: error: {message}", file=sys.stderr)
+        return 2
+
+
+def describe_error(error: BaseException) -> str | None:
+    """One line for an error the user can act on, naming the file it is about when a dependency's reader or writer
+    raised it (their messages, e.g. torch's 'unexpected pos 64 vs 0', do not); None for an error that is a bug."""
+    found = _file_in_traceback(error)
+    if found is None:
+        if isinstance(error, _FILE_ONLY_ERRORS):
+            return None
+        return _flat(str(error)) or type(error).__name__
+    path, writing = found
+    if writing:
+        return f"could not write {path} ({_write_failure(error)})"
+    hint = ""
+    checkpoint = next((parent for parent in Path(path).parents if parent.name.startswith("checkpoint-")), None)
+    if checkpoint is not None:
+        hint = f"; delete {checkpoint} to resume from the checkpoint before it, or train without --resume"
+    return f"cannot read {path}: it is truncated or corrupted ({_reason(error)}){hint}"
+
+
+def _file_in_traceback(error: BaseException) -> tuple[str, bool] | None:
+    """(file, whether it was being written) for an error raised inside one of the known readers and writers, or
+    while writing an open file; the innermost such frame counts. Follows `raise ... from` to the original error."""
+    while error is not None:
+        frames = []
+        traceback = error.__traceback__
+        while traceback is not None:
+            frames.append(traceback.tb_frame)
+            traceback = traceback.tb_next
+        for depth, frame in enumerate(reversed(frames)):
+            for table, writing in ((_FILE_READERS, False), (_FILE_WRITERS, True)):
+                name = table.get(frame.f_code)
+                if name is not None and isinstance(frame.f_locals.get(name), (str, os.PathLike)):
+                    return os.fspath(frame.f_locals[name]), writing
+            if depth == 0 and isinstance(error, OSError):  # a write to an open file, e.g. a JSON file on a full disk
+                for value in frame.f_locals.values():
+                    if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
+                        return value.name, "r" not in getattr(value, "mode", "r")
+        error = error.__cause__
+    return None
+
+
+def _reason(error: BaseException) -> str:
+    """The error's type and the first sentence of its message (torch's unpickling errors run to a page)."""
+    text = _flat(str(error))
+    sentence = re.split(r"(?<=\.) ", text, maxsplit=1)[0] if text else ""
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
+
+
+def _write_failure(error: BaseException) -> str:
+    text = _flat(str(error))
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+        return "no space left on device"
+    if "unexpected pos" in text:  # torch's zip writer when a write comes up short
+        return f"the write stopped short, is the disk full? torch says: {text}"
+    return _reason(error)
+
+
+def _flat(text: str) -> str:
+    return " ".join(text.split())
 
 
 def quiet_dependencies() -> None:
@@ -236,6 +368,10 @@ def quiet_dependencies() -> None:
 def _train(args: argparse.Namespace) -> int:
     options = TrainingOptions(**given_options(TrainingOptions, args))
     config = BackAttnConfig(**given_options(BackAttnConfig, args))
+    output = Path(options.output_dir)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; pass a folder for the head and its checkpoints.")
+    check_positions(load_base_config(args.model), options.max_length, "--max-length (max_length)")
     examples = _load_data(args, seed=options.seed)
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
     set_seed(options.seed)  # the head's initial weights
@@ -261,8 +397,14 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     if args.no_base and not args.heads:
         raise ValueError("Nothing to evaluate: --no-base without --heads.")
+    if args.output and Path(args.output).is_dir():
+        raise ValueError(f"--output {args.output} is a folder; pass a JSON file name for the metrics.")
+    head_names(args.heads)  # each folder holds a head, checked before anything is loaded
+    check_positions(load_base_config(args.model), args.max_length, "--max-length")
     examples = _load_data(args, seed=args.seed)
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
+    scored = examples if args.generation_limit is None else examples[: args.generation_limit]
+    check_generation_length(base.config, tokenizer, [e.problem for e in scored], args.max_new_tokens)
     settings = dict(
         max_new_tokens=args.max_new_tokens,
         batch_size=args.batch_size,
@@ -281,6 +423,8 @@ def _eval(args: argparse.Namespace) -> int:
         print(
             f"{cut} of {len(examples)} examples were cut to --max-length {args.max_length} tokens for the perplexity"
         )
+    if args.generation_limit == 0:
+        print("No generation (--generation-limit 0): exact match, RMSE and token P/R/F1 were not measured")
     if args.output:
         payload = {
             "model": args.model,
@@ -288,7 +432,10 @@ def _eval(args: argparse.Namespace) -> int:
             "split": args.split,
             "results": {name: result.to_dict() for name, result in results.items()},
         }
-        write_json(args.output, payload)
+        try:
+            write_json(args.output, payload)
+        except OSError as error:
+            raise ValueError(f"could not write {args.output} ({_write_failure(error)})") from None
         print(f"Metrics written to {args.output}")
     return 0
 
@@ -296,9 +443,13 @@ def _eval(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     if not args.heads and not args.base:
         args.base = True
+    if not args.problem.strip():
+        raise ValueError("--problem is empty; pass the text of a problem.")
+    head_names(args.heads)
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
+    check_generation_length(base.config, tokenizer, [args.problem], args.max_new_tokens)
     sampling = {}
-    if args.temperature is not None or args.top_k is not None:
+    if args.temperature != 0 and (args.temperature is not None or args.top_k is not None):
         sampling = {"do_sample": True, "temperature": args.temperature or 1.0}
         if args.top_k is not None:
             sampling["top_k"] = args.top_k

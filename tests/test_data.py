@@ -17,6 +17,7 @@ from peft_backattn.workbench.data import (
     detect_schema,
     format_prompt,
     load_examples,
+    load_problems,
     to_example,
     tokenize_examples,
 )
@@ -260,6 +261,45 @@ def test_bad_sources(tmp_path):
     empty.write_text("")
     with pytest.raises(ValueError, match="empty.jsonl is empty; pass a file with examples in it"):
         load_examples(str(empty))
+
+
+def test_the_line_checks_let_every_valid_json_file_through(tmp_path):
+    """A byte-order mark, blank lines, a JSON document over several lines, a .json file of JSON Lines: all load."""
+    lines = [json.dumps(row) for row in ROWS]
+    (tmp_path / "bom.jsonl").write_bytes(("\ufeff" + lines[0] + "\n\n" + "\n".join(lines[1:]) + "\n").encode())
+    (tmp_path / "pretty.json").write_text(json.dumps(ROWS, indent=2))
+    (tmp_path / "lines.json").write_text("\n".join(lines))
+    for name in ("bom.jsonl", "pretty.json", "lines.json"):
+        assert [example.answer for example in load_examples(str(tmp_path / name))] == ["7", "4", "10"], name
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("cut.jsonl", b'{"question": "a?", "answer": "#### 1"}\n{"question": "b', "cut.jsonl, line 2: not valid JSON"),
+        ("list.jsonl", b'{"question": "a?", "answer": "#### 1"}\n[1, 2, 3]\n', "line 2: a JSON object per line"),
+        ("number.jsonl", b'{"question": "a?", "answer": "#### 1"}\n\n7\n', "number.jsonl, line 3: a JSON object"),
+        ("latin1.jsonl", b'{"question": "caf\xe9?", "answer": "#### 1"}\n', "latin1.jsonl, line 1: not UTF-8 text"),
+        ("cut.json", b'[{"question": "a?",\n "answer": "#### 1"},\n{"question"', "cut.json, line 3: not valid JSON"),
+    ],
+)
+def test_a_damaged_json_file_is_refused_with_its_line(tmp_path, name, content, message):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(ValueError) as error:
+        load_examples(str(tmp_path / name))
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_damaged_parquet_file_is_refused_naming_it(tmp_path):
+    (tmp_path / "rows.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(ValueError, match="cannot read .*rows.parquet: not a Parquet file or a damaged one"):
+        load_examples(str(tmp_path / "rows.parquet"))
+
+
+@pytest.mark.parametrize("limit", [0, -3])
+def test_synthetic_limit_must_be_positive(limit):
+    with pytest.raises(ValueError, match=f"--limit \\(limit\\) must be a positive number of examples, got {limit}"):
+        load_problems("synthetic", limit=limit)
 
 
 def test_hub_names_stream_and_stop_after_limit(monkeypatch):

@@ -18,6 +18,7 @@ from peft_backattn.workbench.data import tokenize_examples
 from peft_backattn.workbench.evaluation import (
     evaluate,
     evaluate_heads,
+    format_table,
     generate_solutions,
     load_heads,
     target_nll,
@@ -163,3 +164,29 @@ def test_no_time_budget_scores_every_problem(two_heads):
         model, tokenizer, examples, ["math", "base"], max_new_tokens=2, batch_size=2, max_length=128, progress=False
     )
     assert [result.n for result in results.values()] == [5, 5]
+
+
+def test_generation_limit_zero_measures_perplexity_only(two_heads):
+    """0 means no generation: the generation metrics are absent (None), not zeros."""
+    model, tokenizer = two_heads
+    examples = generate_examples(3, split="test")
+    result = evaluate(model, tokenizer, examples, max_new_tokens=4, max_length=256, generation_limit=0)
+    assert result.n == 0 and result.perplexity > 1
+    assert (result.exact_match, result.precision, result.recall, result.f1, result.mse) == (None,) * 5
+    assert "perplexity" in format_table({"base": result})
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"generation_limit": -1}, r"--generation-limit \(generation_limit\) must be an integer >= 0"),
+        ({"batch_size": 0}, r"--batch-size \(batch_size\) must be a positive integer, got 0"),
+        ({"max_new_tokens": 0}, r"--max-new-tokens \(max_new_tokens\) must be a positive integer, got 0"),
+        ({"max_length": 600}, r"--max-length \(max_length\) is 600 tokens, beyond the 512 positions the base takes"),
+        ({"max_new_tokens": 600}, r"problem \d's prompt \(\d+ tokens\) plus --max-new-tokens \(max_new_tokens\) 600"),
+    ],
+)
+def test_evaluate_refuses_bad_settings_before_running(two_heads, settings, message):
+    model, tokenizer = two_heads
+    with pytest.raises(ValueError, match=message):
+        evaluate(model, tokenizer, generate_examples(2, split="test"), **{"max_length": 256, **settings})

@@ -8,14 +8,20 @@ teacher-forcing features whose labels mask the prompt, and `PaddingCollator` pad
 from __future__ import annotations
 
 import itertools
+import json
+import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import pyarrow
+import pyarrow.parquet
 import torch
 from datasets import Dataset, IterableDataset, load_dataset
+from datasets.exceptions import DatasetGenerationError
 
 from .problems import SCHEMAS, FieldMapping, MathExample, parse_field_mapping
 from .synthetic import generate_examples
@@ -30,6 +36,9 @@ _ANSWER_LINE = re.compile(r"^####[ \t]+(.+?)[ \t]*$", re.MULTILINE)
 _FILE_EXTENSION = re.compile(r"\.[A-Za-z][A-Za-z0-9]*$")
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # file extension -> `datasets` builder
+# The loggers of those builders: each logs a line about a file it cannot read before raising; the error we raise
+# instead names the file, so their line would only repeat it.
+_BUILDER_LOGGERS = ("datasets.packaged_modules.json.json", "datasets.packaged_modules.parquet.parquet")
 _PLAIN_PROMPT = "Question: {problem}\nAnswer:"  # for tokenizers without a chat template
 _FIELDS_HINT = "--fields problem=...,solution=...,answer=..."
 
@@ -108,8 +117,89 @@ def _open_rows(
         raise ValueError(f"cannot read {source}: use a {', '.join(_BUILDERS)} file (one file, not a folder)")
     if os.path.getsize(path) == 0:  # `datasets` fails on an empty file with a bare StopIteration
         raise ValueError(f"{source} is empty; pass a file with examples in it")
+    if extension == ".parquet":
+        _check_parquet(path, source)
+    else:
+        _check_json(path, source, extension)
     # Local files have a single split, which `datasets` names 'train'.
-    return load_dataset(_BUILDERS[extension], data_files=path, split="train", streaming=bool(streaming))
+    try:
+        with _quiet_builders():
+            return load_dataset(_BUILDERS[extension], data_files=path, split="train", streaming=bool(streaming))
+    except DatasetGenerationError as error:  # what the checks above let through, e.g. a column changing type
+        cause = error.__cause__ or error
+        raise ValueError(f"cannot read {source}: {_first_line(cause)}") from None
+
+
+def _check_json(path: str, source: str, extension: str) -> None:
+    """Refuse a local JSON Lines file, naming the file and line, where a line is not UTF-8, not JSON or not an
+    object: `datasets` fails on those with a traceback that names neither (or a row of its own counting).
+
+    A `.json` file may also be one JSON document (an array of objects), which `datasets` reads whole; it is checked
+    as such when its first line is not an object on its own.
+    """
+    first_line_is_object, problem = None, None
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                text = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(
+                    f"{source}, line {number}: not UTF-8 text (byte 0x{raw[error.start]:02x} at byte "
+                    f"{error.start + 1} of the line); save the file as UTF-8"
+                ) from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as error:
+                problem = problem or f"{source}, line {number}: not valid JSON ({_json_problem(error)})"
+                row = None
+            if first_line_is_object is None:
+                first_line_is_object = isinstance(row, dict)
+            if row is not None and not isinstance(row, dict):
+                kind = {list: "an array", str: "a string"}.get(type(row), type(row).__name__)
+                problem = problem or f"{source}, line {number}: a JSON object per line is expected, got {kind}"
+            if problem and first_line_is_object:
+                raise ValueError(problem)
+    if problem is None:
+        return
+    if extension == ".json":  # one JSON document, perhaps over several lines
+        with open(path, encoding="utf-8-sig") as handle:
+            try:
+                json.load(handle)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{source}, line {error.lineno}: not valid JSON ({_json_problem(error)})") from None
+        return
+    raise ValueError(problem)
+
+
+def _json_problem(error: json.JSONDecodeError) -> str:
+    """'Expecting value at column 58' (json's own text ends in ' at' where it means a position)."""
+    return f"{error.msg.removesuffix(' at')} at column {error.colno}"
+
+
+def _check_parquet(path: str, source: str) -> None:
+    try:
+        pyarrow.parquet.read_metadata(path)
+    except (pyarrow.ArrowException, OSError) as error:
+        raise ValueError(f"cannot read {source}: not a Parquet file or a damaged one ({_first_line(error)})") from None
+
+
+@contextmanager
+def _quiet_builders() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _BUILDER_LOGGERS]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _first_line(error: BaseException) -> str:
+    return str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def load_examples(
@@ -174,6 +264,8 @@ def load_problems(
 
     This is what the command line's `--data` takes: 'synthetic', a local file or a hub dataset name.
     """
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+        raise ValueError(f"--limit (limit) must be a positive number of examples, got {limit!r}")
     if source == SYNTHETIC_SOURCE:
         return generate_examples(limit or 1000, split=split, seed=seed)
     return load_examples(source, fields=fields, split=split, limit=limit, subset=subset)

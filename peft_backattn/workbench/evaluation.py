@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from peft import PeftModel
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..layer import BASE_ADAPTER_NAME
+from .base_models import check_positions
 from .data import (
     IGNORE_INDEX,
     PaddingCollator,
@@ -45,12 +46,12 @@ class EvalResult:
     """Metrics of one model (the base or one head) on one set of problems."""
 
     perplexity: float
-    exact_match: float
+    exact_match: float | None  # None (like precision, recall and F1) when no generation was scored
     mse: float | None
     rmse: float | None
-    precision: float
-    recall: float
-    f1: float
+    precision: float | None
+    recall: float | None
+    f1: float | None
     n: int  # problems whose generations were scored
     target_tokens: int  # tokens behind the perplexity
     numeric_pairs: int  # answer pairs behind MSE/RMSE
@@ -73,6 +74,8 @@ def target_nll(
     progress: bool = True,
 ) -> tuple[float, int, TruncationReport]:
     """Summed negative log-likelihood (nats) of the target tokens, their count, and what truncation did."""
+    _check_positive(batch_size=batch_size, max_length=max_length)
+    check_positions(model.config, max_length, "--max-length (max_length)")
     dataset, report = tokenize_examples(examples, tokenizer, max_length)
     collate = PaddingCollator.from_tokenizer(tokenizer)
     device = _device(model)
@@ -112,8 +115,11 @@ def generate_solutions(
     """Generated solutions for `problems` (greedy unless sampling options are given), decoded without prompts.
 
     `adapter_names` (one per problem) runs a different head per problem in the same batches. `progress` shows the
-    problems done, the tokens generated per second and the time left.
+    problems done, the tokens generated per second and the time left. A prompt whose tokens and `max_new_tokens`
+    together exceed the base's position limit is refused before anything is generated.
     """
+    _check_positive(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    check_generation_length(model.config, tokenizer, problems, max_new_tokens)
     outputs: list[str] = []
     start_time, new_token_count = time.monotonic(), 0
     with Progress(len(problems), "generating", unit="problem", enabled=progress) as shown:
@@ -167,8 +173,9 @@ def evaluate(
 ) -> EvalResult:
     """All metrics of the model as it is now (its active head, or the base inside `disable_adapter()`).
 
-    Perplexity covers every example and generation (the slow part) the first `generation_limit` of them, unless
-    `time_budget_seconds` runs out first (see `evaluate_heads`).
+    Perplexity covers every example and generation (the slow part) the first `generation_limit` of them (all when
+    None), unless `time_budget_seconds` runs out first (see `evaluate_heads`). `generation_limit=0` skips
+    generation: exact match, precision, recall and F1 are then None, not 0.
     """
     settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
     models = {"model": nullcontext}
@@ -218,6 +225,17 @@ def _evaluate_together(
     max_length: int,
 ) -> dict[str, EvalResult]:
     """Perplexity, then generation, batch by batch; on each batch every model in turn (entered by its context)."""
+    if generation_limit is not None and (not _is_int(generation_limit) or generation_limit < 0):
+        raise ValueError(
+            f"--generation-limit (generation_limit) must be an integer >= 0 (0: no generation) or None, "
+            f"got {generation_limit!r}"
+        )
+    if time_budget_seconds is not None and not (math.isfinite(time_budget_seconds) and time_budget_seconds >= 0):
+        raise ValueError(f"time_budget_seconds must be a finite number >= 0 or None, got {time_budget_seconds!r}")
+    _check_positive(batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length)
+    check_positions(model.config, max_length, "--max-length (max_length)")
+    scored = list(examples[:generation_limit]) if generation_limit is not None else list(examples)
+    check_generation_length(model.config, tokenizer, [e.problem for e in scored], max_new_tokens)
     start = time.monotonic()
     budget = math.inf if time_budget_seconds is None else time_budget_seconds
 
@@ -243,7 +261,6 @@ def _evaluate_together(
             shown.update(1)
 
     # Generation: greedy solutions, scored against the references, until the budget is spent.
-    scored = list(examples[:generation_limit]) if generation_limit is not None else list(examples)
     solutions: dict[str, list[str]] = {name: [] for name in models}
     generation_start, new_tokens = time.monotonic(), 0
     with Progress(len(scored), "generating", unit="problem", enabled=progress) as shown:
@@ -270,14 +287,15 @@ def _result(
     references = [e.answer for e in scored]
     errors = numeric_errors(predicted, references)
     overlap = mean_token_overlap(solutions, [e.solution for e in scored])
+    generated = bool(scored)
     return EvalResult(
         perplexity=perplexity(total_nll, total_tokens) if total_tokens else math.nan,
-        exact_match=exact_match(predicted, references),
+        exact_match=exact_match(predicted, references) if generated else None,
         mse=errors.mse,
         rmse=errors.rmse,
-        precision=overlap.precision,
-        recall=overlap.recall,
-        f1=overlap.f1,
+        precision=overlap.precision if generated else None,
+        recall=overlap.recall if generated else None,
+        f1=overlap.f1 if generated else None,
         n=len(scored),
         target_tokens=total_tokens,
         numeric_pairs=errors.n,
@@ -287,6 +305,22 @@ def _result(
     )
 
 
+def check_generation_length(
+    config: PretrainedConfig, tokenizer: PreTrainedTokenizerBase, problems: Sequence[str], max_new_tokens: int
+) -> None:
+    """Refuse problems whose prompt plus `max_new_tokens` exceed the base's position limit (`config`'s), naming
+    the longest, before anything is generated: models with learned positions fail on them with an IndexError."""
+    if not problems:
+        return
+    prompts = [format_prompt(problem, tokenizer) for problem in problems]
+    encoded = tokenizer(prompts, add_special_tokens=prompt_adds_special_tokens(tokenizer))["input_ids"]
+    lengths = [len(ids) for ids in encoded]
+    longest = max(range(len(lengths)), key=lengths.__getitem__)
+    prompt = "the prompt" if len(problems) == 1 else f"problem {longest}'s prompt"
+    what = f"{prompt} ({lengths[longest]} tokens) plus --max-new-tokens (max_new_tokens) {max_new_tokens}"
+    check_positions(config, lengths[longest] + max_new_tokens, what)
+
+
 def load_heads(base: PreTrainedModel, head_dirs: Sequence[str | os.PathLike]) -> tuple[PeftModel, list[str]]:
     """One frozen base with several saved heads, named after their folders; the first one is active.
 
@@ -294,6 +328,17 @@ def load_heads(base: PreTrainedModel, head_dirs: Sequence[str | os.PathLike]) ->
     """
     if not head_dirs:
         raise ValueError("No head given; pass at least one head folder.")
+    names = head_names(head_dirs)
+    model = PeftModel.from_pretrained(base, str(head_dirs[0]), adapter_name=names[0])
+    for name, directory in zip(names[1:], head_dirs[1:], strict=True):
+        model.load_adapter(str(directory), adapter_name=name)
+    model.eval()
+    return model, names
+
+
+def head_names(head_dirs: Sequence[str | os.PathLike]) -> list[str]:
+    """The name of each head folder (its last part, with '_' appended to a repeated name or to 'base'), refusing a
+    folder without a head; cheap, so that a wrong folder is refused before the base is loaded."""
     names: list[str] = []
     for directory in head_dirs:
         if not (Path(directory) / "adapter_config.json").is_file():
@@ -302,11 +347,7 @@ def load_heads(base: PreTrainedModel, head_dirs: Sequence[str | os.PathLike]) ->
         while name in names or name == BASE_NAME:
             name += "_"
         names.append(name)
-    model = PeftModel.from_pretrained(base, str(head_dirs[0]), adapter_name=names[0])
-    for name, directory in zip(names[1:], head_dirs[1:], strict=True):
-        model.load_adapter(str(directory), adapter_name=name)
-    model.eval()
-    return model, names
+    return names
 
 
 @contextmanager
@@ -364,6 +405,16 @@ def _left_padding(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
         yield
     finally:
         tokenizer.padding_side = previous
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} ({name}) must be a positive integer, got {value!r}")
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -6,11 +6,12 @@ launch`); this module only prepares the model and data for it and writes the fin
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -72,6 +73,62 @@ class TrainingOptions:
         },
     )
 
+    def __post_init__(self) -> None:
+        """Refuse a value the Trainer would fail on late (a traceback after the model is loaded) or misread silently.
+
+        Each message names the command-line option and the field, e.g. `--grad-accum (gradient_accumulation_steps)
+        must be a positive integer, got 0.`
+        """
+        positive_int = "a positive integer"
+        checks = {
+            "output_dir": (isinstance(self.output_dir, (str, os.PathLike)) and str(self.output_dir) != "", "a folder"),
+            "max_steps": (
+                _is_int(self.max_steps) and (self.max_steps > 0 or self.max_steps == -1),
+                "a positive integer, or -1 to train for --epochs",
+            ),
+            "epochs": (_is_finite(self.epochs) and self.epochs >= 0, "a finite number >= 0"),
+            "batch_size": (_is_int(self.batch_size) and self.batch_size > 0, positive_int),
+            "gradient_accumulation_steps": (
+                _is_int(self.gradient_accumulation_steps) and self.gradient_accumulation_steps > 0,
+                positive_int,
+            ),
+            "learning_rate": (_is_finite(self.learning_rate) and self.learning_rate > 0, "a positive finite number"),
+            "weight_decay": (_is_finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
+            "warmup_ratio": (
+                _is_finite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
+                "a fraction of the steps, at least 0 and below 1",
+            ),
+            "max_grad_norm": (
+                _is_finite(self.max_grad_norm) and self.max_grad_norm >= 0,
+                "a finite number >= 0 (0: no clipping)",
+            ),
+            "max_length": (_is_int(self.max_length) and self.max_length > 0, positive_int),
+            "seed": (_is_int(self.seed) and 0 <= self.seed < 2**32, "an integer from 0 to 2**32 - 1"),
+            "logging_steps": (_is_int(self.logging_steps) and self.logging_steps > 0, positive_int),
+            "save_steps": (_is_int(self.save_steps) and self.save_steps > 0, positive_int),
+            "save_total_limit": (
+                self.save_total_limit is None or (_is_int(self.save_total_limit) and self.save_total_limit > 0),
+                "a positive integer, or None to keep all",
+            ),
+            "time_budget_seconds": (
+                self.time_budget_seconds is None
+                or (_is_finite(self.time_budget_seconds) and self.time_budget_seconds > 0),
+                "a positive number of seconds, or None",
+            ),
+            **{
+                name: (isinstance(getattr(self, name), bool), "True or False")
+                for name in ("overwrite", "resume", "progress_bar", "save_final")
+            },
+        }
+        for name, (valid, expected) in checks.items():
+            if not valid:
+                raise ValueError(f"{_option_name(name)} must be {expected}, got {getattr(self, name)!r}.")
+        if self.max_steps == -1 and self.epochs == 0:
+            raise ValueError(
+                "--epochs (epochs) is 0 and --steps (max_steps) is -1, so nothing would be trained; "
+                "pass a positive --epochs or --steps."
+            )
+
     def training_arguments(self) -> TrainingArguments:
         """The Trainer's arguments for these options (head-only training on a frozen base, no reporting)."""
         return TrainingArguments(
@@ -97,6 +154,24 @@ class TrainingOptions:
             remove_unused_columns=False,
             dataloader_num_workers=0,
         )
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    """A real number that is neither NaN nor infinite (bool excluded: True is no learning rate)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _option_name(name: str) -> str:
+    """How a message names a TrainingOptions field: '--grad-accum (gradient_accumulation_steps)'."""
+    spec = next(spec for spec in fields(TrainingOptions) if spec.name == name)
+    flag = spec.metadata.get("flag", "")
+    if flag is None:  # not a command-line option
+        return name
+    return f"{flag or '--' + name.replace('_', '-')} ({name})"
 
 
 @dataclass
