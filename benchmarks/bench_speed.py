@@ -2,9 +2,13 @@
 
     python benchmarks/bench_speed.py --base smollm2 --batch 8 --length 256 --rounds 5
     python benchmarks/bench_speed.py --base tiny-gpt2 --batch 8 --length 256 --rounds 7
+    python benchmarks/bench_speed.py --base smollm2 --only scored --batch 8 --rounds 4   # real GSM8K batches
 
 Training: one optimiser step (forward with the LM loss, backward, AdamW) per method and round, methods alternating;
-the floor is the frozen base's no-grad forward. Generation: greedy decoding with a KV cache, bare base against
+the floor is the frozen base's no-grad forward. Scored training (smollm2 only): real GSM8K batches as the Trainer
+builds them (chat prompts masked, right padding), each method once with the full forward and once with the output
+layer run only on the trained positions (workbench.scored_positions, what train_head does); throughput is counted in
+trained (target) tokens per second. Generation: greedy decoding with a KV cache, bare base against
 unmerged and merged heads. Prints medians, tokens/s and ratios, with the FLOP floors from peft_backattn.costs, and
 writes benchmarks/results/speed-<base>.json.
 """
@@ -17,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from common import (
     HEAD_MODES,
+    SHARED_DATA,
     alternate,
     attach,
     load_base,
@@ -29,6 +34,9 @@ from common import (
 
 from peft_backattn import BackAttnConfig
 from peft_backattn.costs import base_forward_flops, head_backward_flops, head_forward_flops
+from peft_backattn.workbench.base_models import EMBEDDED_DEFAULT, load_base_model
+from peft_backattn.workbench.data import PaddingCollator, load_examples, tokenize_examples
+from peft_backattn.workbench.scored_positions import only_trained_positions, scored_positions_loss, trained_positions
 
 TRAINED = [*HEAD_MODES, "lora r=8", "output head"]
 
@@ -156,6 +164,80 @@ def generation_speed(base, args) -> dict:
     return {"batch": args.gen_batch, "prompt": args.gen_prompt, "new_tokens": args.gen_new, "rows": rows}
 
 
+SCORED_METHODS = ["backattn softmax residual", "backattn raw residual", "lora r=8"]
+
+
+def scored_training_speed(base, tokenizer, args) -> dict:
+    """Training steps on real GSM8K batches: full forward against the output layer on trained positions only."""
+    examples = load_examples(str(SHARED_DATA / "gsm8k" / "train.jsonl"), limit=args.batch * args.scored_batches)
+    dataset, _ = tokenize_examples(examples, tokenizer, args.length)
+    collate = PaddingCollator.from_tokenizer(tokenizer)
+    batches = [
+        collate([dataset[i] for i in range(start, start + args.batch)])
+        for start in range(0, args.batch * args.scored_batches, args.batch)
+    ]
+    trained = [int(trained_positions(b["labels"]).sum()) for b in batches]
+    positions = [b["input_ids"].numel() for b in batches]
+    cycle = {"index": 0}
+
+    def next_batch() -> dict:  # every task sees the same sequence of batches, one per round
+        return batches[cycle["index"] % len(batches)]
+
+    tasks = {}
+
+    def forward_floor() -> None:
+        with torch.no_grad():
+            batch = next_batch()
+            base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+    tasks["frozen base, no-grad forward"] = forward_floor
+    for method in SCORED_METHODS:
+        model = attach(base, method, r=args.r)
+        model.train()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def full(model=model, optimizer=optimizer) -> None:
+            model(**next_batch()).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        def scored(model=model, optimizer=optimizer) -> None:
+            batch = next_batch()
+            with only_trained_positions(model.get_output_embeddings(), batch["labels"]):
+                outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            scored_positions_loss(outputs, batch["labels"]).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        tasks[f"{method}, full forward"] = full
+        tasks[f"{method}, trained positions only"] = scored
+
+    def advance() -> None:
+        cycle["index"] += 1
+
+    times = alternate(tasks, rounds=args.rounds, after_round=advance)
+    floor = median(times["frozen base, no-grad forward"])
+    lora = median(times["lora r=8, trained positions only"])
+    trained_per_step = sum(trained) / len(trained)
+    rows = []
+    for name, samples in times.items():
+        seconds = median(samples)
+        rows.append({
+            "method": name, "median_s": seconds, "trained_tokens_per_s": trained_per_step / seconds,
+            "x_base_forward": seconds / floor, "x_lora_trained_tokens_per_s": lora / seconds, "samples": samples,
+        })  # fmt: skip
+    header = ["method", "median s", "trained tokens/s", "x base fwd", "trained tokens/s x LoRA (scored)"]
+    table = [[r["method"], r["median_s"], r["trained_tokens_per_s"], r["x_base_forward"],
+              r["x_lora_trained_tokens_per_s"]] for r in rows]  # fmt: skip
+    print(
+        f"\nTraining step on real GSM8K batches of {args.batch} (max {args.length} tokens): {trained_per_step:.0f} "
+        f"trained of {sum(positions) / len(positions):.0f} positions per batch, medians of {args.rounds} rounds"
+    )
+    print(markdown_table(header, table))
+    return {"batch": args.batch, "max_length": args.length, "rounds": args.rounds, "trained_per_batch": trained,
+            "positions_per_batch": positions, "rows": rows}  # fmt: skip
+
+
 def _perturb(model) -> None:
     """Non-zero head weights (an untrained residual head has W_Q = 0), so that no product is trivially zero."""
     generator = torch.Generator().manual_seed(0)
@@ -176,13 +258,24 @@ def main() -> None:
     parser.add_argument("--gen-prompt", type=int, default=64, help="prompt tokens")
     parser.add_argument("--gen-new", type=int, default=32, help="generated tokens")
     parser.add_argument("--gen-rounds", type=int, default=5, help="timed generation rounds")
+    parser.add_argument("--scored-batches", type=int, default=4, help="distinct GSM8K batches for scored training")
+    parser.add_argument(
+        "--only", choices=("training", "generation", "scored"), help="run one part (default: all that apply)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
-    base = load_base(args.base)
     result = {"base": args.base, "r": args.r}
-    result["training"] = training_speed(base, args)
-    result["generation"] = generation_speed(base, args)
-    save_result(f"speed-{args.base}", result)
+    if args.base == "smollm2":
+        base, tokenizer = load_base_model(EMBEDDED_DEFAULT)
+    else:
+        base, tokenizer = load_base(args.base), None
+    if args.only in (None, "training"):
+        result["training"] = training_speed(base, args)
+    if args.only in (None, "generation"):
+        result["generation"] = generation_speed(base, args)
+    if args.only in (None, "scored") and tokenizer is not None:
+        result["scored_training"] = scored_training_speed(base, tokenizer, args)
+    save_result(f"speed-{args.base}" + (f"-{args.only}" if args.only else ""), result)
 
 
 if __name__ == "__main__":

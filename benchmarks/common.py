@@ -94,8 +94,16 @@ def random_batch(vocab: int, batch: int, length: int, seed: int = 0) -> torch.Te
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
 
-def alternate(tasks: dict[str, Callable[[], None]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
-    """Run each task once per round, in the same order each round; the first `warmup` rounds are not kept."""
+def alternate(
+    tasks: dict[str, Callable[[], None]],
+    rounds: int,
+    warmup: int = 1,
+    after_round: Callable[[], None] | None = None,
+) -> dict[str, list[float]]:
+    """Run each task once per round, in the same order each round; the first `warmup` rounds are not kept.
+
+    `after_round` runs between rounds, untimed (e.g. to move every task on to the next batch).
+    """
     times: dict[str, list[float]] = {name: [] for name in tasks}
     for round_index in range(warmup + rounds):
         for name, task in tasks.items():
@@ -104,6 +112,8 @@ def alternate(tasks: dict[str, Callable[[], None]], rounds: int, warmup: int = 1
             elapsed = time.perf_counter() - start
             if round_index >= warmup:
                 times[name].append(elapsed)
+        if after_round is not None:
+            after_round()
         print(f"  round {round_index + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
     return times
 
