@@ -169,6 +169,25 @@ def test_resume_without_a_checkpoint(tiny_lm_dir, tmp_path, capsys):
     assert_clean_error(capsys, "no checkpoint")
 
 
+def tree(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_resume_with_only_incomplete_checkpoints_changes_nothing(tiny_lm_dir, trained, tmp_path, capsys):
+    output = tmp_path / "head"
+    shutil.copytree(trained, output)
+    (output / "checkpoint-2" / "optimizer.pt").unlink()
+    (output / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4')  # cut short
+    before = tree(output)
+    assert train(tiny_lm_dir, output, "--steps", "6", "--resume") == 2
+    assert capsys.readouterr().err == (
+        f"peft-backattn: error: --resume: no complete checkpoint in {output} (checkpoint-4 is incomplete: "
+        "trainer_state.json is truncated or corrupt; checkpoint-2 is incomplete: no optimizer.pt); train without "
+        "--resume to start over.\n"
+    )
+    assert tree(output) == before
+
+
 def test_four_bit_base_from_the_command_line(tiny_lm_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     output = tmp_path / "head"

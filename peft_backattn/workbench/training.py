@@ -6,8 +6,6 @@ launch`); this module only prepares the model and data for it and writes the fin
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,11 +21,11 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import BackAttnConfig
 from .data import PaddingCollator, TruncationReport, tokenize_examples
 from .problems import MathExample
+from .saving import checkpoints_newest_first, clean_leftovers, newest_complete_checkpoint, remove_path, save_head
 
 
 @dataclass
@@ -153,17 +151,25 @@ def train_head(
     """Fine-tune the active head of `model` on `examples`; writes the head to `options.output_dir`.
 
     Checkpoints (head weights, optimiser and scheduler state) go to `output_dir/checkpoint-<step>`; the final head
-    is written last, next to them, as `adapter_config.json` + `adapter_model.safetensors`.
+    is written last, next to them, as `adapter_config.json` + `adapter_model.safetensors`, in one atomic step
+    (`save_head`). `options.resume` continues from the newest complete checkpoint.
     """
     output = Path(options.output_dir)
     if (output / "adapter_config.json").exists() and not (options.overwrite or options.resume):
         raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
-    if options.resume and not (Path(options.output_dir).is_dir() and get_last_checkpoint(options.output_dir)):
-        raise ValueError(f"--resume: no checkpoint-* folder in {options.output_dir}; train without --resume first.")
+    arguments = options.training_arguments()
+    main_process = arguments.process_index == 0
+    checkpoint, skipped = _resume_checkpoint(output) if options.resume else (None, [])
     dataset, truncation = tokenize_examples(examples, tokenizer, options.max_length)
     print(f"Training data: {truncation}", flush=True)
+    if main_process:  # nothing on disk changes before this point
+        clean_leftovers(output)
+        if checkpoint:
+            for folder, _ in skipped:  # the resumed run writes its own checkpoint in their place
+                remove_path(folder)
+            removed = f" ({_reasons(skipped)}; removed)" if skipped else ""
+            print(f"Resuming from {checkpoint.name}{removed}", flush=True)
 
-    arguments = options.training_arguments()
     callbacks = [_TimeBudget(options.time_budget_seconds)] if options.time_budget_seconds else []
     if not options.progress_bar:
         callbacks.append(_LossPrinter())
@@ -177,9 +183,9 @@ def train_head(
     if not options.progress_bar:
         trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
     start = time.monotonic()
-    trainer.train(resume_from_checkpoint=True if options.resume else None)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.monotonic() - start
-    if options.save_final and trainer.is_world_process_zero():
+    if options.save_final and main_process:
         save_head(model, options.output_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return TrainingReport(
@@ -194,18 +200,19 @@ def train_head(
     )
 
 
-def save_head(model: PeftModel, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
-    """Write one head (the active one by default) as `directory/adapter_{config.json,model.safetensors}`.
+def _resume_checkpoint(output: Path) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest complete checkpoint in `output`, and the newer ones skipped as incomplete (a kill or a full disk
+    during a save), each with what is wrong with it."""
+    if not checkpoints_newest_first(output):
+        raise ValueError(f"--resume: no checkpoint-* folder in {output}; train without --resume first.")
+    checkpoint, skipped = newest_complete_checkpoint(output)
+    if checkpoint is None:
+        raise ValueError(
+            f"--resume: no complete checkpoint in {output} ({_reasons(skipped)}); train without --resume to start "
+            "over."
+        )
+    return checkpoint, skipped
 
-    PEFT puts heads not named 'default' into a sub-folder; this writes any head at the folder's top level, through
-    a temporary folder and renames, so that a failed save leaves no half-written head.
-    """
-    name = adapter_name or model.active_adapter
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as staging:
-        model.save_pretrained(staging, selected_adapters=[name])
-        written = Path(staging) if name == "default" else Path(staging) / name
-        for item in written.iterdir():
-            if item.is_file():
-                os.replace(item, directory / item.name)
+
+def _reasons(skipped: list[tuple[Path, str]]) -> str:
+    return "; ".join(f"{folder.name} is incomplete: {problem}" for folder, problem in skipped)
