@@ -6,6 +6,7 @@ launch`); this module only prepares the model and data for it and writes the fin
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class TrainingOptions:
             disable_tqdm=not self.progress_bar,
             remove_unused_columns=False,
             dataloader_num_workers=0,
+            logging_nan_inf_filter=False,  # a NaN loss is logged as such (and stops training), not averaged away
         )
 
 
@@ -135,6 +137,33 @@ class _TimeBudget(TrainerCallback):
         return control
 
 
+class _StopOnDivergence(TrainerCallback):
+    """Stops training with a one-line error as soon as the head's weights or the logged loss are not finite.
+
+    The weights are checked after every optimiser step, before the Trainer may checkpoint them (only the head
+    trains, so this is a few small tensors); the loss is checked whenever it is logged.
+    """
+
+    def __init__(self, model: PeftModel, learning_rate: float) -> None:
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.learning_rate = learning_rate
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.parameters and not torch.stack([torch.isfinite(p).all() for p in self.parameters]).all():
+            raise self.diverged(state.global_step, "the head's weights hold NaN or infinite values")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise self.diverged(state.global_step, f"the loss is {loss}")
+
+    def diverged(self, step: int, what: str) -> RuntimeError:
+        return RuntimeError(
+            f"Training diverged at step {step}: {what}; lower the learning rate (--lr, now {self.learning_rate:g}); "
+            "no head was saved."
+        )
+
+
 def attach_head(
     base: PreTrainedModel, config: BackAttnConfig | None = None, adapter_name: str = "default"
 ) -> PeftModel:
@@ -152,7 +181,9 @@ def train_head(
 
     Checkpoints (head weights, optimiser and scheduler state) go to `output_dir/checkpoint-<step>`; the final head
     is written last, next to them, as `adapter_config.json` + `adapter_model.safetensors`, in one atomic step
-    (`save_head`). `options.resume` continues from the newest complete checkpoint.
+    (`save_head`). `options.resume` continues from the newest complete checkpoint. A NaN or infinite loss or head
+    weight stops training with a RuntimeError; a run that fails before it wrote anything removes the output folder
+    it created.
     """
     output = Path(options.output_dir)
     if (output / "adapter_config.json").exists() and not (options.overwrite or options.resume):
@@ -161,7 +192,6 @@ def train_head(
     main_process = arguments.process_index == 0
     checkpoint, skipped = _resume_checkpoint(output) if options.resume else (None, [])
     dataset, truncation = tokenize_examples(examples, tokenizer, options.max_length)
-    print(f"Training data: {truncation}", flush=True)
     if main_process:  # nothing on disk changes before this point
         clean_leftovers(output)
         if checkpoint:
@@ -170,20 +200,30 @@ def train_head(
             removed = f" ({_reasons(skipped)}; removed)" if skipped else ""
             print(f"Resuming from {checkpoint.name}{removed}", flush=True)
 
-    callbacks = [_TimeBudget(options.time_budget_seconds)] if options.time_budget_seconds else []
+    callbacks = [_StopOnDivergence(model, options.learning_rate)]
+    if options.time_budget_seconds:
+        callbacks.append(_TimeBudget(options.time_budget_seconds))
     if not options.progress_bar:
         callbacks.append(_LossPrinter())
-    trainer = Trainer(
-        model=model,
-        args=arguments,
-        train_dataset=dataset,
-        data_collator=PaddingCollator.from_tokenizer(tokenizer),
-        callbacks=callbacks,
-    )
-    if not options.progress_bar:
-        trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
-    start = time.monotonic()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    created = _first_missing(output)  # the folder (or its first missing parent) this run creates, if any
+    try:
+        trainer = Trainer(
+            model=model,
+            args=arguments,
+            train_dataset=dataset,
+            data_collator=PaddingCollator.from_tokenizer(tokenizer),
+            callbacks=callbacks,
+        )
+        if not options.progress_bar:
+            trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
+        if main_process:
+            print(f"Training data: {truncation}", flush=True)
+        start = time.monotonic()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except BaseException:
+        if created is not None and main_process:
+            _remove_if_empty(output, created)  # a run that failed before writing anything leaves no folder behind
+        raise
     seconds = time.monotonic() - start
     if options.save_final and main_process:
         save_head(model, options.output_dir)
@@ -216,3 +256,24 @@ def _resume_checkpoint(output: Path) -> tuple[Path, list[tuple[Path, str]]]:
 
 def _reasons(skipped: list[tuple[Path, str]]) -> str:
     return "; ".join(f"{folder.name} is incomplete: {problem}" for folder, problem in skipped)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` (itself or a parent) that does not exist yet; None if `path` exists."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_if_empty(path: Path, up_to: Path) -> None:
+    """Remove `path` and its parents up to `up_to` as long as they are empty folders (never anything with files)."""
+    for folder in (path, *path.parents):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == up_to:
+            return
