@@ -179,7 +179,7 @@ CASES = [
     Case("train-seed-negative", [*TRAIN_OUT, "--seed", "-1"], "--seed (seed) must be an integer from 0 to 2**32 - 1"),
     # head options: BackAttnConfig's own checks
     Case("train-r-0", [*TRAIN_OUT, "--r", "0"], "BackAttnConfig.r must be a positive integer, got 0"),
-    Case("train-scaling-negative", [*TRAIN_OUT, "--scaling", "-1"], "BackAttnConfig.scaling must be a finite positive"),
+    Case("train-scaling-negative", [*TRAIN_OUT, "--scaling", "-1"], "BackAttnConfig.scaling must be a finite"),
     # lengths beyond the base's positions: checked on its config, before data or weights are loaded
     Case("train-max-length-beyond-positions", [*TRAIN_OUT, "--max-length", "1000"],
          "--max-length (max_length) is 1000 tokens, beyond the 512 positions the base takes"),

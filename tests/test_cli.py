@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import transformers
 from conftest import save_tiny_lm
 from safetensors.torch import load_file
 from test_progress_and_plots import png_size
@@ -266,6 +267,62 @@ def test_resume_without_a_checkpoint(tiny_lm_dir, tmp_path, capsys):
     assert_clean_error(capsys, "no checkpoint")
 
 
+def tree(folder: Path) -> dict[str, bytes | None]:
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_resume_with_only_incomplete_checkpoints_changes_nothing(tiny_lm_dir, trained, tmp_path, capsys):
+    output = tmp_path / "head"
+    shutil.copytree(trained, output)
+    (output / "checkpoint-2" / "optimizer.pt").unlink()
+    (output / "checkpoint-4" / "trainer_state.json").write_text('{"global_step": 4')  # cut short
+    before = tree(output)
+    assert train(tiny_lm_dir, output, "--steps", "6", "--resume") == 2
+    assert capsys.readouterr().err == (
+        f"peft-backattn: error: --resume: no complete checkpoint in {output} (checkpoint-4 is incomplete: "
+        "trainer_state.json is truncated or corrupt; checkpoint-2 is incomplete: no optimizer.pt); train without "
+        "--resume to start over.\n"
+    )
+    assert tree(output) == before
+
+
+def test_a_diverging_run_stops_with_one_line_and_saves_nothing(tiny_lm_dir, tmp_path, capsys):
+    output = tmp_path / "head"
+    assert train(tiny_lm_dir, output, "--steps", "4", "--lr", "1e38") == 2
+    assert capsys.readouterr().err == (
+        "peft-backattn: error: Training diverged at step 1: the head's weights hold NaN or infinite values; lower "
+        "the learning rate (--lr, now 1e+38); no head was saved.\n"
+    )
+    assert not output.exists()
+
+
+def test_a_non_finite_loss_stops_the_run_even_with_finite_weights(tiny_lm_dir, tmp_path, monkeypatch, capsys):
+    compute_loss = transformers.Trainer.compute_loss
+
+    def infinite(self, *args, **kwargs):  # a constant added to the loss: the gradients stay finite
+        return compute_loss(self, *args, **kwargs) + float("inf")
+
+    monkeypatch.setattr(transformers.Trainer, "compute_loss", infinite)
+    assert train(tiny_lm_dir, tmp_path / "head", "--steps", "4", "--logging-steps", "1") == 2
+    assert capsys.readouterr().err == (
+        "peft-backattn: error: Training diverged at step 1: the loss is inf; lower the learning rate (--lr, now "
+        "0.001); no head was saved.\n"
+    )
+    assert not (tmp_path / "head").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_folder_it_created(tiny_lm_dir, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(transformers.Trainer, "training_step", fail)
+    assert train(tiny_lm_dir, tmp_path / "runs" / "head") == 2
+    assert list(tmp_path.iterdir()) == []
+    (tmp_path / "mine").mkdir()  # a folder the user had is kept, even empty
+    assert train(tiny_lm_dir, tmp_path / "mine") == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["mine"]
+
+
 def test_four_bit_base_from_the_command_line(tiny_lm_dir, tmp_path):
     pytest.importorskip("bitsandbytes")
     output = tmp_path / "head"
@@ -288,6 +345,7 @@ def test_two_process_training_with_accelerate_launch(tiny_lm_dir, tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("Trained 3 steps on 2 processes") == 1  # printed by the main process only
+    assert result.stdout.count("Training data: ") == 1
     assert HEAD_FILES <= {p.name for p in output.iterdir()}
 
 

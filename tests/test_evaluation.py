@@ -118,6 +118,23 @@ def test_write_json_replaces_the_file_in_one_step(tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]
 
 
+def test_write_json_leaves_no_temporary_file_when_the_rename_fails(tmp_path):
+    (tmp_path / "results.json").mkdir()  # --output names a folder: the rename onto it fails
+    with pytest.raises(IsADirectoryError):
+        write_json(tmp_path / "results.json", {"a": 1})
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert list((tmp_path / "results.json").iterdir()) == []
+
+
+def test_write_json_leaves_the_old_file_and_no_temporary_one_when_the_payload_is_not_json(tmp_path):
+    path = tmp_path / "results.json"
+    write_json(path, {"a": 1})
+    with pytest.raises(TypeError):
+        write_json(path, {"a": object()})
+    assert [p.name for p in tmp_path.iterdir()] == ["results.json"]
+    assert json.loads(path.read_text()) == {"a": 1}
+
+
 def test_generation_prompts_are_encoded_as_training_prompts(tmp_path):
     """Without a chat template the prompt starts with BOS in training; generation must see the same tokens."""
     from conftest import save_tiny_lm

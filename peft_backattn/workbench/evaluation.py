@@ -7,6 +7,7 @@ and the generated solution's tokens against the reference solution's.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -368,13 +369,20 @@ def use_head(model: PeftModel, name: str) -> Iterator[None]:
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
-    """Write JSON via a temporary file and a rename, so a failed run leaves no partial file."""
+    """Write JSON via a temporary file and a rename: `path` holds the old file or the new one, whole, and a failed
+    write leaves neither a partial file nor the temporary one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
-        json.dump(payload, handle, indent=2)
-        handle.write("\n")
-    os.replace(handle.name, path)
+    handle = tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False)
+    try:
+        with handle:
+            json.dump(payload, handle, indent=2)
+            handle.write("\n")
+        os.replace(handle.name, path)
+    except BaseException:  # a payload that is not JSON, a full disk, a folder at `path`: no temporary file stays
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(handle.name)
+        raise
 
 
 def format_table(results: dict[str, EvalResult]) -> str:

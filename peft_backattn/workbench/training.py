@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -23,11 +22,11 @@ from transformers import (
     TrainingArguments,
 )
 from transformers.trainer_callback import PrinterCallback
-from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import BackAttnConfig
 from .data import PaddingCollator, TruncationReport, tokenize_examples
 from .problems import MathExample
+from .saving import checkpoints_newest_first, clean_leftovers, newest_complete_checkpoint, remove_path, save_head
 from .scored_positions import ScoredPositionsTrainer
 
 
@@ -153,6 +152,7 @@ class TrainingOptions:
             disable_tqdm=not self.progress_bar,
             remove_unused_columns=False,
             dataloader_num_workers=0,
+            logging_nan_inf_filter=False,  # a NaN loss is logged as such (and stops training), not averaged away
         )
 
 
@@ -212,6 +212,33 @@ class _TimeBudget(TrainerCallback):
         return control
 
 
+class _StopOnDivergence(TrainerCallback):
+    """Stops training with a one-line error as soon as the head's weights or the logged loss are not finite.
+
+    The weights are checked after every optimiser step, before the Trainer may checkpoint them (only the head
+    trains, so this is a few small tensors); the loss is checked whenever it is logged.
+    """
+
+    def __init__(self, model: PeftModel, learning_rate: float) -> None:
+        self.parameters = [p for p in model.parameters() if p.requires_grad]
+        self.learning_rate = learning_rate
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.parameters and not torch.stack([torch.isfinite(p).all() for p in self.parameters]).all():
+            raise self.diverged(state.global_step, "the head's weights hold NaN or infinite values")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise self.diverged(state.global_step, f"the loss is {loss}")
+
+    def diverged(self, step: int, what: str) -> RuntimeError:
+        return RuntimeError(
+            f"Training diverged at step {step}: {what}; lower the learning rate (--lr, now {self.learning_rate:g}); "
+            "no head was saved."
+        )
+
+
 def attach_head(
     base: PreTrainedModel, config: BackAttnConfig | None = None, adapter_name: str = "default"
 ) -> PeftModel:
@@ -228,33 +255,52 @@ def train_head(
     """Fine-tune the active head of `model` on `examples`; writes the head to `options.output_dir`.
 
     Checkpoints (head weights, optimiser and scheduler state) go to `output_dir/checkpoint-<step>`; the final head
-    is written last, next to them, as `adapter_config.json` + `adapter_model.safetensors`.
+    is written last, next to them, as `adapter_config.json` + `adapter_model.safetensors`, in one atomic step
+    (`save_head`). `options.resume` continues from the newest complete checkpoint. A NaN or infinite loss or head
+    weight stops training with a RuntimeError; a run that fails before it wrote anything removes the output folder
+    it created.
     """
     output = Path(options.output_dir)
     if (output / "adapter_config.json").exists() and not (options.overwrite or options.resume):
         raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
-    if options.resume and not (Path(options.output_dir).is_dir() and get_last_checkpoint(options.output_dir)):
-        raise ValueError(f"--resume: no checkpoint-* folder in {options.output_dir}; train without --resume first.")
-    dataset, truncation = tokenize_examples(examples, tokenizer, options.max_length)
-    print(f"Training data: {truncation}", flush=True)
-
     arguments = options.training_arguments()
-    callbacks = [_TimeBudget(options.time_budget_seconds)] if options.time_budget_seconds else []
+    main_process = arguments.process_index == 0
+    checkpoint, skipped = _resume_checkpoint(output) if options.resume else (None, [])
+    dataset, truncation = tokenize_examples(examples, tokenizer, options.max_length)
+    if main_process:  # nothing on disk changes before this point
+        clean_leftovers(output)
+        if checkpoint:
+            for folder, _ in skipped:  # the resumed run writes its own checkpoint in their place
+                remove_path(folder)
+            removed = f" ({_reasons(skipped)}; removed)" if skipped else ""
+            print(f"Resuming from {checkpoint.name}{removed}", flush=True)
+
+    callbacks = [_StopOnDivergence(model, options.learning_rate)]
+    if options.time_budget_seconds:
+        callbacks.append(_TimeBudget(options.time_budget_seconds))
     if not options.progress_bar:
         callbacks.append(_LossPrinter())
-    trainer = ScoredPositionsTrainer(
-        model=model,
-        args=arguments,
-        train_dataset=dataset,
-        data_collator=PaddingCollator.from_tokenizer(tokenizer),
-        callbacks=callbacks,
-    )
-    if not options.progress_bar:
-        trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
-    start = time.monotonic()
-    trainer.train(resume_from_checkpoint=True if options.resume else None)
+    created = _first_missing(output)  # the folder (or its first missing parent) this run creates, if any
+    try:
+        trainer = ScoredPositionsTrainer(
+            model=model,
+            args=arguments,
+            train_dataset=dataset,
+            data_collator=PaddingCollator.from_tokenizer(tokenizer),
+            callbacks=callbacks,
+        )
+        if not options.progress_bar:
+            trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
+        if main_process:
+            print(f"Training data: {truncation}", flush=True)
+        start = time.monotonic()
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except BaseException:
+        if created is not None and main_process:
+            _remove_if_empty(output, created)  # a run that failed before writing anything leaves no folder behind
+        raise
     seconds = time.monotonic() - start
-    if options.save_final and trainer.is_world_process_zero():
+    if options.save_final and main_process:
         save_head(model, options.output_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     return TrainingReport(
@@ -269,18 +315,40 @@ def train_head(
     )
 
 
-def save_head(model: PeftModel, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
-    """Write one head (the active one by default) as `directory/adapter_{config.json,model.safetensors}`.
+def _resume_checkpoint(output: Path) -> tuple[Path, list[tuple[Path, str]]]:
+    """The newest complete checkpoint in `output`, and the newer ones skipped as incomplete (a kill or a full disk
+    during a save), each with what is wrong with it."""
+    if not checkpoints_newest_first(output):
+        raise ValueError(f"--resume: no checkpoint-* folder in {output}; train without --resume first.")
+    checkpoint, skipped = newest_complete_checkpoint(output)
+    if checkpoint is None:
+        raise ValueError(
+            f"--resume: no complete checkpoint in {output} ({_reasons(skipped)}); train without --resume to start "
+            "over."
+        )
+    return checkpoint, skipped
 
-    PEFT puts heads not named 'default' into a sub-folder; this writes any head at the folder's top level, through
-    a temporary folder and renames, so that a failed save leaves no half-written head.
-    """
-    name = adapter_name or model.active_adapter
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as staging:
-        model.save_pretrained(staging, selected_adapters=[name])
-        written = Path(staging) if name == "default" else Path(staging) / name
-        for item in written.iterdir():
-            if item.is_file():
-                os.replace(item, directory / item.name)
+
+def _reasons(skipped: list[tuple[Path, str]]) -> str:
+    return "; ".join(f"{folder.name} is incomplete: {problem}" for folder, problem in skipped)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost folder of `path` (itself or a parent) that does not exist yet; None if `path` exists."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_if_empty(path: Path, up_to: Path) -> None:
+    """Remove `path` and its parents up to `up_to` as long as they are empty folders (never anything with files)."""
+    for folder in (path, *path.parents):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == up_to:
+            return

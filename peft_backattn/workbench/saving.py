@@ -1,0 +1,326 @@
+"""The files of a training run that must survive a kill: the final head, swapped in whole, and the checkpoint a
+run resumes from, the newest complete one.
+
+A head folder written by `save_head` holds the head's files at its top as symbolic links through one more link:
+
+    adapter_config.json        -> .head/adapter_config.json
+    adapter_model.safetensors  -> .head/adapter_model.safetensors
+    README.md                  -> .head/README.md
+    .head                      -> .head-<token>      (the current version, a folder holding the three files)
+
+A new head is written whole into a folder of its own (`.saving-<random>`, renamed `.head-<token>` once complete),
+and becomes the head in one step: a new link renamed over `.head` (`rename(2)` replaces a name atomically). Before
+that step every path above reads the old head; after it, the new one; a kill leaves one or the other, whole. What a
+killed save leaves behind (`.saving-*`, unreferenced `.head-*`, `.head.new-*` links) is removed by the next save or
+training run in the folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import secrets
+import shutil
+import zipfile
+from pathlib import Path
+
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from safetensors import SafetensorError, safe_open
+
+from .._files import WEIGHTS_NAME
+
+CONFIG_NAME = "adapter_config.json"
+CARD_NAME = "README.md"
+# The head's files, in the order their links are placed: the config last, so that a folder never shows a config
+# beside weights that are not its own (a folder without adapter_config.json is no head at all).
+HEAD_FILES = (WEIGHTS_NAME, CARD_NAME, CONFIG_NAME)
+HEAD_LINK = ".head"
+STAGING_PREFIX = ".saving-"
+_VERSION = re.compile(r"\.head-[0-9a-f]{16}")
+_NEW_LINK = re.compile(r"\.head\.new-[0-9a-f]{16}")
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+def save_head(model: PeftModel, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
+    """Write one head (the active one by default) as `directory/adapter_{config.json,model.safetensors}`.
+
+    PEFT puts heads not named 'default' into a sub-folder; this writes any head at the folder's top level. The old
+    head in the folder, if any, is replaced in one atomic step (see the module's docstring): a reader, or a kill at
+    any instant, sees the old head or the new one, whole. A head with NaN or infinite values is refused before
+    anything is written. Other files in the folder (checkpoints, ...) are left alone.
+    """
+    name = adapter_name or model.active_adapter
+    directory = Path(directory)
+    _check_finite(model, name, directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(directory)
+    staged = _stage(model, name, directory)
+    try:
+        _commit(directory, staged)
+    finally:
+        clean_leftovers(directory)
+
+
+def clean_leftovers(directory: str | os.PathLike) -> None:
+    """Remove what a killed `save_head` left in `directory`: staging folders, links never renamed into place, and
+    head versions no longer linked. Touches nothing else."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return
+    current = _current_version(directory)
+    for entry in directory.iterdir():
+        stale = (
+            entry.name.startswith(STAGING_PREFIX)
+            or (_NEW_LINK.fullmatch(entry.name) and entry.is_symlink())
+            or (_VERSION.fullmatch(entry.name) and entry.name != current and not entry.is_symlink())
+        )
+        if stale:
+            remove_path(entry)
+
+
+def _check_finite(model: PeftModel, name: str, directory: Path) -> None:
+    for key, tensor in get_peft_model_state_dict(model, adapter_name=name).items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"Head '{name}' holds NaN or infinite values ({key}); it was not saved to {directory}.")
+
+
+def _stage(model: PeftModel, name: str, directory: Path) -> Path:
+    """The new head, whole, in a folder of its own: `.saving-*` while written, `.head-<token>` once complete."""
+    staging = directory / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+    model.save_pretrained(staging, selected_adapters=[name])
+    if name != "default":  # PEFT's sub-folder for a named head; its model card is at the top
+        for item in (staging / name).iterdir():
+            os.replace(item, staging / item.name)
+        (staging / name).rmdir()
+    for item in HEAD_FILES:
+        if (staging / item).is_file():
+            _fsync(staging / item)
+    _fsync(staging)
+    version = directory / f".head-{secrets.token_hex(8)}"
+    os.rename(staging, version)
+    return version
+
+
+def _commit(directory: Path, version: Path) -> None:
+    """Make `version` the folder's head in one rename, after bringing an old head under `.head` if it is not."""
+    if not _links_work(directory):
+        _commit_without_links(directory, version)
+        return
+    if not _links_are_ours(directory):
+        _adopt_plain_head(directory)
+    files = [item for item in HEAD_FILES if (version / item).is_file()]
+    old_head = _current_version(directory) and (directory / CONFIG_NAME).is_file()
+    if old_head:
+        _link_files(directory, files)  # the old head has these links; a new one (a card) dangles till the swap
+        _point(directory, version)  # the one step a reader sees
+    else:  # no head to replace: the link first, then the files, the config last
+        _point(directory, version)
+        _link_files(directory, files)
+    for item in HEAD_FILES:  # a file the old head had and the new one has not (a model card)
+        if item not in files and (directory / item).is_symlink():
+            os.unlink(directory / item)
+    _fsync(directory)
+
+
+def _commit_without_links(directory: Path, version: Path) -> None:
+    """On a filesystem without symbolic links: the old config goes first, then the new files are renamed in, the
+    config last. Not one step, but never a mixed pair: a kill leaves the old head, the new one, or a folder without
+    `adapter_config.json`, which holds no head."""
+    if os.path.lexists(directory / CONFIG_NAME):
+        os.unlink(directory / CONFIG_NAME)
+    _fsync(directory)
+    for item in HEAD_FILES:
+        if (version / item).is_file():
+            os.replace(version / item, directory / item)
+    _fsync(directory)
+
+
+def _links_work(directory: Path) -> bool:
+    probe = directory / f".head.new-{secrets.token_hex(8)}"
+    try:
+        os.symlink(HEAD_LINK, probe)
+    except OSError:
+        return False
+    probe.unlink()
+    return True
+
+
+def _adopt_plain_head(directory: Path) -> None:
+    """Bring a head written as plain files (by `save_pretrained`, or copied by a tool that follows links) under
+    `.head`, unchanged: a copy of its files becomes the current version, then each file is replaced by a link to
+    the same bytes. A reader sees the old head throughout. A folder with weights but no config holds no head; a
+    config without weights is removed first, so that it is never read beside new weights."""
+    config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+    link = directory / HEAD_LINK
+    if link.is_dir() and not link.is_symlink():
+        shutil.rmtree(link)  # a copy of an old `.head` target made by a tool that follows links; nothing reads it
+    if not (config.is_file() and weights.is_file()):
+        if os.path.lexists(config):
+            os.unlink(config)
+        return
+    staging = directory / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
+    staging.mkdir()
+    files = [item for item in HEAD_FILES if (directory / item).is_file()]
+    for item in files:
+        shutil.copyfile(directory / item, staging / item)
+        _fsync(staging / item)
+    _fsync(staging)
+    version = directory / f".head-{secrets.token_hex(8)}"
+    os.rename(staging, version)
+    _point(directory, version)
+    _link_files(directory, files, replace=True)
+
+
+def _link_files(directory: Path, files: list[str], replace: bool = False) -> None:
+    """Each of `files` as a link `name -> .head/name`, in `HEAD_FILES` order, each placed by one rename."""
+    for item in files:
+        target = f"{HEAD_LINK}/{item}"
+        path = directory / item
+        if not replace and path.is_symlink() and os.readlink(path) == target:
+            continue
+        _replace_with_link(target, path)
+
+
+def _point(directory: Path, version: Path) -> None:
+    _replace_with_link(version.name, directory / HEAD_LINK)
+
+
+def _replace_with_link(target: str, path: Path) -> None:
+    fresh = path.parent / f".head.new-{secrets.token_hex(8)}"
+    os.symlink(target, fresh)
+    os.replace(fresh, path)
+
+
+def _links_are_ours(directory: Path) -> bool:
+    """Whether the folder's head (or lack of one) is already read through `.head`: the config and weights are our
+    links, or absent."""
+    for item in (CONFIG_NAME, WEIGHTS_NAME):
+        path = directory / item
+        if os.path.lexists(path) and not (path.is_symlink() and os.readlink(path) == f"{HEAD_LINK}/{item}"):
+            return False
+    return True
+
+
+def _current_version(directory: Path) -> str | None:
+    """The name of the version folder `.head` points to, if it is one of ours and exists."""
+    link = directory / HEAD_LINK
+    if not link.is_symlink():
+        return None
+    target = os.readlink(link)
+    return target if _VERSION.fullmatch(target) and (directory / target).is_dir() else None
+
+
+def remove_path(path: Path) -> None:
+    """Remove a file, link or folder tree; one already gone is no error."""
+    with contextlib.suppress(FileNotFoundError):  # another process of the same run may clean at the same time
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file or folder to disk, so that a rename made after it is not seen before the data (power loss)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---- resuming --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_problem(folder: str | os.PathLike) -> str | None:
+    """Why the Trainer could not resume from this `checkpoint-<step>` folder (a short phrase), or None if it can.
+
+    A complete checkpoint holds what transformers' Trainer writes into it, in the order it writes them, each intact:
+    the head (`adapter_model.safetensors`, readable and finite; `adapter_config.json`), `optimizer.pt`,
+    `scheduler.pt`, the RNG state (`rng_state.pth`, or one `rng_state_<rank>.pth` per process) and
+    `trainer_state.json` recording the folder's step. The Trainer writes them in place, not through a temporary
+    folder, so a kill or a full disk during a save leaves some missing or cut short.
+    """
+    folder = Path(folder)
+    match = _CHECKPOINT.fullmatch(folder.name)
+    weights = folder / WEIGHTS_NAME
+    if not weights.is_file():
+        return f"no {WEIGHTS_NAME}"
+    try:
+        with safe_open(weights, framework="pt") as handle:
+            finite = all(torch.isfinite(handle.get_tensor(key)).all() for key in handle.keys())  # noqa: SIM118
+    except (SafetensorError, OSError, RuntimeError):
+        return f"{WEIGHTS_NAME} is truncated or corrupt"
+    if not finite:
+        return f"{WEIGHTS_NAME} holds NaN or infinite values"
+    problem = _json_problem(folder / CONFIG_NAME)
+    if problem:
+        return problem
+    for item in ("optimizer.pt", "scheduler.pt"):
+        problem = _torch_file_problem(folder / item)
+        if problem:
+            return problem
+    rng_files = sorted(folder.glob("rng_state*.pth"))
+    if not rng_files:
+        return "no rng_state.pth"
+    for item in rng_files:
+        problem = _torch_file_problem(item)
+        if problem:
+            return problem
+    problem = _json_problem(folder / "trainer_state.json")
+    if problem:
+        return problem
+    state = json.loads((folder / "trainer_state.json").read_text())
+    step = state.get("global_step") if isinstance(state, dict) else None
+    if match and step != int(match[1]):
+        return f"trainer_state.json records step {step}"
+    return None
+
+
+def checkpoints_newest_first(directory: str | os.PathLike) -> list[Path]:
+    """The `checkpoint-<step>` folders in `directory`, highest step first."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = [(int(m[1]), p) for p in directory.iterdir() if (m := _CHECKPOINT.fullmatch(p.name)) and p.is_dir()]
+    return [path for _, path in sorted(found, reverse=True)]
+
+
+def newest_complete_checkpoint(directory: str | os.PathLike) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint the Trainer can resume from (None if there is none), and each newer, incomplete one
+    with what is wrong with it."""
+    skipped = []
+    for folder in checkpoints_newest_first(directory):
+        try:
+            problem = checkpoint_problem(folder)
+        except OSError:  # removed while read (by the main process of the same run: it was incomplete)
+            problem = "removed while it was read"
+        if problem is None:
+            return folder, skipped
+        skipped.append((folder, problem))
+    return None, skipped
+
+
+def _json_problem(path: Path) -> str | None:
+    if not path.is_file():
+        return f"no {path.name}"
+    try:
+        json.loads(path.read_text())
+    except ValueError:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return f"{path.name} is truncated or corrupt"
+    return None
+
+
+def _torch_file_problem(path: Path) -> str | None:
+    """torch.save writes a zip archive with a checksum per member; a cut or damaged file fails this check."""
+    if not path.is_file():
+        return f"no {path.name}"
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if archive.testzip() is None:
+                return None
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError):
+        pass
+    return f"{path.name} is truncated or corrupt"
