@@ -201,7 +201,9 @@ class _Job:
         for p, ids in enumerate(prompts):
             for choice in range(body.n):
                 seed = None if body.seed is None else body.seed + choice
-                params = SamplingParams(limit, body.temperature, body.top_p, body.stop_strings(), seed)
+                params = SamplingParams(
+                    limit, body.temperature, body.top_p, body.stop_strings(), seed, ignore_eos=body.ignore_eos
+                )
                 self.rows.append(Row(ids, head, params, self.queue, loop, index=p * body.n + choice))
         self.texts = [""] * len(self.rows)
         self.finish: list[str | None] = [None] * len(self.rows)

@@ -33,6 +33,7 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    ignore_eos: bool = False  # vLLM's extension (in `extra_body`): generate max_tokens tokens, eos or not
     # Not implemented: accepted at their neutral values only.
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0

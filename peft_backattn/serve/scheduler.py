@@ -39,6 +39,7 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens whatever comes (benchmarks)
 
 
 @dataclass(frozen=True)
@@ -326,7 +327,7 @@ class BatchScheduler:
         """Post the row's new text; finish it on eos, a stop string, max_tokens or the end of the context."""
         request, params = row.request, row.request.params
         finish = None
-        if token in self.codec.eos_ids:
+        if token in self.codec.eos_ids and not params.ignore_eos:
             finish = "stop"
         else:
             row.tokens.append(token)
