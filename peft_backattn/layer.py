@@ -14,11 +14,17 @@ The cheap association used everywhere: w V = ((w N) ⊙ g) W_V and Q K^T = (((Q 
 vocabulary-sized products are with E itself. In 'raw' mode w N = h (W_out^T N) / |V| + b N / |V|, and W_out^T N is
 a frozen d_in x d_e matrix: the head then costs one vocabulary product per token, and with no activation it is an
 affine map of h that collapses to q̃ = h M + m0 (cached in evaluation) and merges into the output matrix.
+
+Caches (N, C, the collapsed maps) are checked against exact copies of the weights they were built from before each
+use, so that no change of those weights goes unseen (docs/design.md, "Caches and when they are rebuilt").
 """
 
 from __future__ import annotations
 
+import itertools
 import warnings
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any, NamedTuple
 
 import torch
@@ -32,15 +38,26 @@ from .config import QUERY_ACTIVATIONS, BackAttnConfig
 BASE_ADAPTER_NAME = "__base__"  # in `adapter_names`: run that sample through the base output layer alone
 
 _ROWS_PER_VOCAB_CHUNK = 8192  # rows of E processed at once when precomputing frozen tensors
+_BUILDS = itertools.count(1)  # numbers each build of frozen tensors; a collapsed map records the one it came from
+_BLOCKS = itertools.count(1)  # numbers each `_weights_fixed()` block
 
 
 class FrozenTensors(NamedTuple):
-    """What the head needs from the frozen base; depends only on base weights, so it is computed once."""
+    """What the head needs from the frozen base; depends only on base weights, so it is cached."""
 
     normalized: torch.Tensor  # N = diag(1 / rms(E_v)) E, (V, d_e), in E's dtype: one extra copy of E
     hidden_to_values: torch.Tensor | None  # raw mode: W_out^T N / |V|, (d_in, d_e) fp32
     bias_to_values: torch.Tensor | None  # raw mode with an output bias: b N / |V|, (d_e,) fp32
-    source: tuple  # identifies the base weights these were computed from (see `_tensor_key`)
+    build: int  # unique to this build
+
+
+class _CollapsedMap(NamedTuple):
+    """A linear head's cached (M, m0), with what it was built from."""
+
+    weights: tuple[torch.Tensor, ...]  # exact copies of the head's weights
+    value: tuple[torch.Tensor, torch.Tensor | None]  # (M, m0)
+    build: int  # the FrozenTensors.build it was built from
+    checked_in: int  # the `_weights_fixed()` block it was last checked in (0: none)
 
 
 class _Reference:
@@ -87,13 +104,13 @@ class BackAttnHead(nn.Module):
         hidden: torch.Tensor,
         base_logits: torch.Tensor | None,
         frozen: FrozenTensors,
-        base_layer: nn.Module | None = None,
+        base_output: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """w N for each row: the logit-weighted sum of normalised embeddings, (n, d_e), before g and W_V.
 
         It depends on the frozen base only, so it needs no gradient. In softmax mode the probabilities are
         vocabulary-sized, so they are formed `chunk_size` rows at a time (from `base_logits`, or from
-        `base_layer` when the caller has no base logits to keep).
+        `base_output`, the base output layer as a function of hidden rows, when the caller keeps no base logits).
         """
         dtype = self.norm_scale.dtype
         if self.config.logit_weighting == "raw":
@@ -105,9 +122,10 @@ class BackAttnHead(nn.Module):
         normalized = frozen.normalized
         parts = []
         with torch.no_grad():
-            for start in range(0, hidden.shape[0], self.config.chunk_size):
+            # At least one chunk, empty when there are no rows, so that (0, d_in) gives (0, d_e).
+            for start in range(0, max(hidden.shape[0], 1), self.config.chunk_size):
                 stop = start + self.config.chunk_size
-                z = base_logits[start:stop] if base_logits is not None else base_layer(hidden[start:stop])
+                z = base_logits[start:stop] if base_logits is not None else base_output(hidden[start:stop])
                 probs = torch.softmax(z.float(), dim=-1)  # (chunk, V)
                 parts.append(probs.to(normalized.dtype) @ normalized)  # (chunk, d_e)
         return torch.cat(parts).to(dtype)
@@ -153,7 +171,7 @@ class BackAttnHead(nn.Module):
         q: torch.Tensor,
         base_logits: torch.Tensor | None,
         frozen: FrozenTensors,
-        base_layer: nn.Module,
+        base_output: Callable[[torch.Tensor], torch.Tensor] | None,
     ) -> torch.Tensor:
         """Log of the mixture of softmaxes sum_h pi_h softmax(.), chunk by chunk; fp32.
 
@@ -167,11 +185,11 @@ class BackAttnHead(nn.Module):
         recompute = torch.is_grad_enabled() and q.requires_grad
         rows_per_chunk = max(1, self.config.chunk_size // self.config.num_heads)
         pieces, out = [], None
-        for start in range(0, total, rows_per_chunk):
+        for start in range(0, max(total, 1), rows_per_chunk):  # one empty chunk when there are no rows
             rows = slice(start, start + rows_per_chunk)
             z = None
             if self.config.combine == "residual":
-                z = base_logits[rows] if base_logits is not None else base_layer(hidden[rows])
+                z = base_logits[rows] if base_logits is not None else base_output(hidden[rows])
             args = (q_emb[rows], q[rows], z, frozen)
             if recompute:
                 pieces.append(checkpoint(self._mixture_chunk, *args, use_reentrant=False))
@@ -207,18 +225,18 @@ class BackAttnHead(nn.Module):
         hidden: torch.Tensor,
         base_logits: torch.Tensor | None,
         frozen: FrozenTensors,
-        base_layer: nn.Module | None = None,
+        base_output: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """(n, d_in) hidden states -> (n, V) logits.
 
         A single residual head needs `base_logits` (n, V) and adds into them in place. Where they are not given,
-        the base logits are formed chunk by chunk from `base_layer` as needed (softmax weights, residual mixtures).
+        the base logits are formed chunk by chunk by `base_output` as needed (softmax weights, residual mixtures).
         """
-        q = self.query(self.weighted_embedding(hidden, base_logits, frozen, base_layer))  # (n, H, r)
+        q = self.query(self.weighted_embedding(hidden, base_logits, frozen, base_output))  # (n, H, r)
         q_emb = self.query_in_embedding_space(q)  # (n, H, d_e)
         if self.gate is None:
             return self.single_head_logits(q_emb[:, 0], base_logits, frozen)
-        return self.mixture_logits(hidden, q_emb, q, base_logits, frozen, base_layer)
+        return self.mixture_logits(hidden, q_emb, q, base_logits, frozen, base_output)
 
     # -- the collapsed form of a linear head ------------------------------------------------------------------
 
@@ -268,8 +286,12 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._unmerged_params: tuple[nn.Parameter, nn.Parameter | None] | None = None
-        self._frozen_cache: dict[tuple, FrozenTensors] = {}
-        self._collapsed_cache: dict[str, tuple[tuple, tuple]] = {}
+        # Caches, each used only while what it was built from is unchanged (see `frozen_tensors`).
+        self._frozen_cache: dict[tuple, FrozenTensors] = {}  # (rms_norm_eps, raw) -> N (and C, c)
+        self._base_copies: dict[str, torch.Tensor | None] = {}  # exact copies of the base tensors they came from
+        self._base_checked_in = 0  # the `_weights_fixed()` block the copies were last checked in (0: none)
+        self._collapsed_cache: dict[str, _CollapsedMap] = {}  # adapter name -> a linear head's (M, m0)
+        self._block = 0  # the `_weights_fixed()` block being run (0: none)
         self.in_features, self.out_features = output_layer_shape(base_layer)
         self.update_layer(adapter_name, config)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
@@ -284,7 +306,8 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         """Add a freshly initialised head called `adapter_name`, on the base layer's device."""
         head = BackAttnHead(config, embedding_dim=self.embedding_weight.shape[1])
         self.backattn_heads[adapter_name] = head
-        self._move_adapter_to_device_of_base_layer(adapter_name)
+        # An offloaded base layer is on meta between forwards: the head goes where its hook runs it instead.
+        self._move_adapter_to_device_of_base_layer(adapter_name, device=offload_device(self.get_base_layer()))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -298,26 +321,95 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
 
     def train(self, mode: bool = True) -> BackAttnLayer:
         if mode:
-            self._collapsed_cache.clear()  # the weights are about to change; free the maps now
+            self._collapsed_cache.clear()  # training never uses the collapsed maps; free them
         return super().train(mode)
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._collapsed_cache.clear()
-        super()._load_from_state_dict(*args, **kwargs)
 
     # -- frozen tensors and caches ----------------------------------------------------------------------------
 
+    def clear_caches(self) -> None:
+        """Free the cached tensors (N, C, the copies they are checked against, the collapsed maps).
+
+        Never needed for correct results: every cache is checked against the weights before it is used. It frees
+        their memory (about two vocabulary-sized matrices) until the next forward rebuilds them.
+        """
+        self._frozen_cache.clear()
+        self._base_copies.clear()
+        self._collapsed_cache.clear()
+
+    @contextmanager
+    def _weights_fixed(self) -> Iterator[None]:
+        """Within this block the caches are checked against the weights at their first use only.
+
+        For generate(), which does not change the weights between the steps of one call (its KV cache relies on
+        that too): one check per call instead of one per token. A weight written inside the block is not seen
+        before the block ends. `BackAttnModel.generate` opens it.
+        """
+        outer, self._block = self._block, next(_BLOCKS)
+        try:
+            yield
+        finally:
+            self._block = outer
+
+    def _checked_in_this_block(self, checked_in: int) -> bool:
+        return self._block != 0 and checked_in == self._block
+
     def frozen_tensors(self, config: BackAttnConfig) -> FrozenTensors:
-        """N, the row-normalised E (and, in raw mode, W_out^T N / |V|), cached until a base weight changes."""
-        emb = self.embedding_weight
-        out_weight = self.get_base_layer().weight
+        """N, the row-normalised E (and, in raw mode, W_out^T N / |V|), rebuilt whenever a base weight changes.
+
+        Whether a weight changed is decided by its contents: fused optimisers, `.data` writes and dtype round trips
+        change a tensor without bumping its `_version` (or keep its address). So the layer keeps an exact copy of
+        each base tensor these were built from, and compares it bit for bit before use: at every forward, or once
+        per `_weights_fixed()` block.
+        """
         raw = config.logit_weighting == "raw"
-        key = (_tensor_key(emb), _tensor_key(out_weight), config.rms_norm_eps, raw)
+        key = (config.rms_norm_eps, raw)
         cached = self._frozen_cache.get(key)
-        if cached is not None:
+        if cached is not None and self._checked_in_this_block(self._base_checked_in):
             return cached
-        self._frozen_cache = {k: v for k, v in self._frozen_cache.items() if k[:2] == key[:2]}  # drop stale
-        with torch.no_grad():
+        # W_out and b matter to raw heads only; they are read when a raw head needs them or has used them.
+        with_output = raw or "output weight" in self._base_copies
+        base = self.get_base_layer()
+        with (
+            _readable(self._input_embeddings.module, "input embeddings"),
+            _readable(base, "output layer's weights") if with_output else nullcontext(),
+        ):
+            live = {"embedding": self.embedding_weight}
+            if with_output:
+                live.update({"output weight": base.weight, "output bias": getattr(base, "bias", None)})
+            if not self._base_unchanged(live):
+                self._frozen_cache.clear()
+                self._base_copies.clear()
+            self._base_checked_in = self._block
+            cached = self._frozen_cache.get(key)
+            if cached is None:
+                cached = self._frozen_cache[key] = self._build_frozen_tensors(config, live)
+                self._copy_base(live)
+        return cached
+
+    def _base_unchanged(self, live: dict[str, torch.Tensor | None]) -> bool:
+        """Whether every base tensor with a copy still holds exactly that copy (a tied matrix is compared once)."""
+        compared: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []
+        for name, copy in self._base_copies.items():
+            tensor = live[name]
+            if any(copy is seen_copy and _same_view(tensor, seen) for seen, seen_copy in compared):
+                continue
+            if not _same_contents(tensor, copy):
+                return False
+            compared.append((tensor, copy))
+        return True
+
+    def _copy_base(self, live: dict[str, torch.Tensor | None]) -> None:
+        """Keep an exact copy of each base tensor in `live` that has none yet; tied tensors share one copy."""
+        with _building(*live.values()):
+            for name, tensor in live.items():
+                if name in self._base_copies:
+                    continue
+                twin = next((other for other in self._base_copies if _same_view(live[other], tensor)), None)
+                self._base_copies[name] = self._base_copies[twin] if twin is not None else _copy(tensor)
+
+    def _build_frozen_tensors(self, config: BackAttnConfig, live: dict[str, torch.Tensor | None]) -> FrozenTensors:
+        emb = live["embedding"]
+        with _building(*live.values()):
             # N = diag(1 / rms(E_v)) E, row chunk by row chunk in fp32, stored in E's dtype.
             normalized = torch.cat(
                 [
@@ -329,11 +421,9 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
                 ]
             )
             hidden_to_values = bias_to_values = None
-            if raw:
+            if config.logit_weighting == "raw":
                 hidden_to_values, bias_to_values = self._hidden_to_values(normalized)
-        frozen = FrozenTensors(normalized, hidden_to_values, bias_to_values, key)
-        self._frozen_cache[key] = frozen
-        return frozen
+        return FrozenTensors(normalized, hidden_to_values, bias_to_values, next(_BUILDS))
 
     def _hidden_to_values(self, normalized: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """W_out^T N / |V| (d_in, d_e) and b N / |V|, summed over vocabulary chunks in fp32."""
@@ -349,17 +439,23 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         return total / vocab, bias_term
 
     def _collapsed(self, adapter_name: str, frozen: FrozenTensors) -> tuple:
-        """The cached collapsed map of a linear head; rebuilt whenever a head weight or base weight changes."""
-        head = self.backattn_heads[adapter_name]
-        # Keyed on the live base and head tensors, never on cached ones, whose memory a rebuild may reuse.
-        key = (tuple(_tensor_key(p) for p in head.parameters()), frozen.source)
+        """The collapsed map of a linear head, rebuilt whenever its weights or the frozen tensors change.
+
+        Checked like the frozen tensors, against an exact copy of the head's weights (small next to E).
+        """
         cached = self._collapsed_cache.get(adapter_name)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        with torch.no_grad():
-            collapsed = head.collapsed_map(frozen)
-        self._collapsed_cache[adapter_name] = (key, collapsed)
-        return collapsed
+        current = cached is not None and cached.build == frozen.build
+        if current and self._checked_in_this_block(cached.checked_in):
+            return cached.value
+        head = self.backattn_heads[adapter_name]
+        with _readable(head, f"weights of head {adapter_name!r}"):
+            weights = tuple(head.parameters())
+            if not (current and all(map(_same_contents, weights, cached.weights))):
+                with _building(*weights):
+                    copies = tuple(_copy(weight) for weight in weights)
+                    cached = _CollapsedMap(copies, head.collapsed_map(frozen), frozen.build, 0)
+        self._collapsed_cache[adapter_name] = cached._replace(checked_in=self._block)
+        return cached.value
 
     # -- forward ----------------------------------------------------------------------------------------------
 
@@ -400,7 +496,8 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         if config.is_linear and not needs_grad:
             logits = head.collapsed_forward(rows, base_logits, self._collapsed(adapter_name, frozen), frozen)
         else:
-            logits = head(rows, base_logits, frozen, base_layer=self.base_layer)
+            # The base layer goes in as a function: accelerate's offload hook on the head moves module arguments.
+            logits = head(rows, base_logits, frozen, base_output=self.base_layer.__call__)
         return logits.to(x.dtype).reshape(*x.shape[:-1], logits.shape[-1])
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
@@ -428,7 +525,11 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         check_mergeable(adapter_name, head.config)
         frozen = self.frozen_tensors(head.config)
         base = self.get_base_layer()
-        with torch.no_grad():
+        with (
+            _readable(head, f"weights of head {adapter_name!r}"),
+            _readable(base, "output layer's weights"),
+            _building(frozen.normalized),
+        ):
             hidden_to_key, bias_to_key = head.collapsed_map(frozen)
             # scores = h M N^T + m0 N^T, so the weight is N M^T and the bias N m0, built in vocabulary chunks.
             rows = frozen.normalized.split(_ROWS_PER_VOCAB_CHUNK)
@@ -535,6 +636,90 @@ def output_layer_shape(module: nn.Module) -> tuple[int, int]:
     return int(in_features), int(out_features)
 
 
-def _tensor_key(tensor: torch.Tensor) -> tuple:
-    """Identifies a tensor's current contents: in-place updates bump _version, moves change the pointer."""
-    return (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device, tuple(tensor.shape))
+_SAME_SIZE_INTEGER = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _copy(tensor: torch.Tensor | None) -> torch.Tensor | None:
+    return None if tensor is None else tensor.detach().clone().as_subclass(torch.Tensor)
+
+
+def _same_contents(live: torch.Tensor | None, copy: torch.Tensor | None) -> bool:
+    """Whether `live` holds exactly what `copy` was taken from: the same shape, dtype, device and bits."""
+    if live is None or copy is None:
+        return live is copy
+    if (live.shape, live.dtype, live.device) != (copy.shape, copy.dtype, copy.device):
+        return False
+    live = live.detach().as_subclass(torch.Tensor)
+    if live.is_floating_point():  # compare bits, not values: a NaN equals itself
+        bits = _SAME_SIZE_INTEGER[live.element_size()]
+        live, copy = live.view(bits), copy.view(bits)
+    return torch.equal(live, copy)
+
+
+def _same_view(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    """Whether two tensors are the same memory seen the same way (tied weights), so hold the same values."""
+    if a is None or b is None:
+        return a is b
+    return a is b or (a.numel() > 0 and _view_of(a) == _view_of(b))
+
+
+def _view_of(tensor: torch.Tensor) -> tuple:
+    return (tensor.data_ptr(), tensor.shape, tensor.stride(), tensor.dtype, tensor.device)
+
+
+@contextmanager
+def _building(*tensors: torch.Tensor | None) -> Iterator[None]:
+    """Build cached tensors as plain, full-precision tensors outside any graph, whatever the caller's context.
+
+    Built under the caller's inference mode they would be inference tensors, which a later training step cannot
+    save for backward; under its autocast, a bf16 map that a later fp32 forward cannot multiply.
+    """
+    device_types = {"cpu"} | {tensor.device.type for tensor in tensors if tensor is not None}
+    with ExitStack() as stack:
+        stack.enter_context(torch.inference_mode(False))
+        stack.enter_context(torch.no_grad())
+        for device_type in sorted(device_types):
+            stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
+
+
+def offload_device(module: nn.Module) -> torch.device | None:
+    """The device an accelerate offload hook loads `module`'s weights to, where they are offloaded; else None."""
+    if not _own_tensors_on_meta(module):
+        return None
+    hook = getattr(module, "_hf_hook", None)
+    for part in getattr(hook, "hooks", (hook,)):  # a SequentialHook holds several
+        if getattr(part, "offload", False) and part.execution_device is not None:
+            return torch.device(part.execution_device)
+    return None
+
+
+def _own_tensors_on_meta(module: nn.Module) -> bool:
+    tensors = itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False))
+    return any(tensor.is_meta for tensor in tensors)
+
+
+@contextmanager
+def _readable(module: nn.Module, what: str) -> Iterator[None]:
+    """Inside, `module`'s own weights hold their values, also where accelerate offloads them.
+
+    accelerate's offload (`cpu_offload`, a `device_map` with "cpu" or "disk" entries) keeps a module's weights on
+    the meta device between its forwards, and its pre-forward hook loads them. The head reads the input embeddings
+    (and the output layer's and its own weights) outside those forwards, so it runs the same hooks around its reads.
+    """
+    if not _own_tensors_on_meta(module):
+        yield
+        return
+    hook = getattr(module, "_hf_hook", None)
+    if hook is not None:
+        hook.pre_forward(module)
+    try:
+        if _own_tensors_on_meta(module):
+            raise RuntimeError(
+                f"The {what} are on the meta device and no accelerate hook loads them; load the model's weights "
+                "before running the backattn head."
+            )
+        yield
+    finally:
+        if hook is not None:
+            hook.post_forward(module, None)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from functools import partial
 from typing import Any
 
@@ -23,6 +23,7 @@ from .layer import (
     check_adapter_names,
     check_mergeable,
     expand_adapter_names,
+    offload_device,
     output_layer_shape,
 )
 
@@ -123,12 +124,13 @@ class BackAttnModel(BaseTuner):
             )
         return self.model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, *args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        """transformers' generate(); tells the `adapter_names` hooks how often it repeats each input sequence."""
-        call = self._adapter_names_call
-        if call is not None:
-            call.repeat = generation_repeat(self.model, args, kwargs)
-        return self.model.generate(*args, **kwargs)
+    def _replace_module(self, parent: nn.Module, child_name: str, new_module: nn.Module, child: nn.Module) -> None:
+        """PEFT then moves the new head to the device of the output layer's weight. Where accelerate offloads that
+        layer, that is `meta` (no values): the head stays where `update_layer` put it, on the hook's device."""
+        if offload_device(child) is None:
+            super()._replace_module(parent, child_name, new_module, child)
+        else:
+            setattr(parent, child_name, new_module)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """PEFT's tuner-level switch accepts any name; refuse unknown ones before anything changes."""
@@ -139,6 +141,28 @@ class BackAttnModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known_heads([adapter_name])
         super().delete_adapter(adapter_name)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base's generate(), with each head checking its caches against the weights once per call, not per token,
+        and the `adapter_names` hooks told how often generate repeats each input sequence (beams, return sequences).
+
+        `PeftModel.generate` lands here. Nothing changes the weights between the steps of one call.
+        """
+        call = self._adapter_names_call
+        if call is not None:
+            call.repeat = generation_repeat(self.model, args, kwargs)
+        with ExitStack() as stack:
+            for layer in self._backattn_layers():
+                stack.enter_context(layer._weights_fixed())
+            return self.model.generate(*args, **kwargs)
+
+    def clear_caches(self) -> None:
+        """Free every head layer's cached tensors (`BackAttnLayer.clear_caches`); also `PeftModel.clear_caches()`."""
+        for layer in self._backattn_layers():
+            layer.clear_caches()
+
+    def _backattn_layers(self) -> list[BackAttnLayer]:
+        return [module for module in self.model.modules() if isinstance(module, BackAttnLayer)]
 
     def _check_known_heads(self, names: list[str]) -> None:
         unknown = [name for name in names if name not in self.peft_config]

@@ -71,22 +71,39 @@ def test_resuming_from_a_checkpoint_continues_the_same_run(tmp_path):
         torch.testing.assert_close(got[key], expected[key], msg=key)
 
 
-@pytest.fixture
-def four_bit_base(tmp_path):
-    pytest.importorskip("bitsandbytes")
-    from transformers import BitsAndBytesConfig
+def four_bit_base(directory, packed: bool):
+    """A tiny Llama in nf4, every quantised layer at least 64 wide: bitsandbytes' CPU repack for AVX512-BF16 needs
+    input sizes that are multiples of its quantisation block (64) and output sizes that are multiples of 32."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers import BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-    build("llama").save_pretrained(tmp_path / "base")
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False, bos_token_id=0,
+        eos_token_id=1, pad_token_id=1,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(directory)
     quantization = BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32
     )
-    return AutoModelForCausalLM.from_pretrained(tmp_path / "base", quantization_config=quantization, device_map="cpu")
+    model = AutoModelForCausalLM.from_pretrained(directory, quantization_config=quantization, device_map="cpu")
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    assert layers, "the base was not quantised"
+    for layer in layers:
+        # bitsandbytes chooses per layer, from has_avx512bf16(), whether to repack the weights for that CPU path
+        # on the first forward without gradient; forcing it on needs the instruction set, forcing it off does not.
+        layer.support_avx512bf16_for_cpu = packed
+    return model, layers
 
 
-def test_head_on_a_four_bit_base(four_bit_base, tmp_path):
-    quantized = [n for n, m in four_bit_base.named_modules() if type(m).__name__ == "Linear4bit"]
-    assert quantized, "the base was not quantised"
-    model = get_peft_model(four_bit_base, BackAttnConfig(r=8, logit_weighting="raw", init_weights=False))
+@pytest.mark.parametrize("packed", [False, True], ids=["plain-4bit", "avx512bf16-packed"])
+def test_head_on_a_four_bit_base(packed, tmp_path):
+    bitsandbytes = pytest.importorskip("bitsandbytes")
+    if packed and not bitsandbytes.functional.has_avx512bf16():
+        pytest.skip("this CPU lacks AVX512-BF16, so bitsandbytes has no packed 4-bit path here")
+    base, quantized = four_bit_base(tmp_path / "base", packed)
+    model = get_peft_model(base, BackAttnConfig(r=8, logit_weighting="raw", init_weights=False))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(".backattn_heads." in n for n in trainable)
 
@@ -101,6 +118,8 @@ def test_head_on_a_four_bit_base(four_bit_base, tmp_path):
         optimizer.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < losses[0]
+    # The path asked for is the one taken (the base is in eval mode and its inputs need no gradient).
+    assert all(getattr(m.weight.quant_state, "packing_format_for_cpu", False) == packed for m in quantized)
 
     layer = next(m for m in model.modules() if isinstance(m, BackAttnLayer))
     hidden = torch.randn(2, 3, layer.in_features)

@@ -18,7 +18,6 @@ from peft import PeftModel, get_peft_model
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
-    Trainer,
     TrainerCallback,
     TrainingArguments,
 )
@@ -28,6 +27,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from ..config import BackAttnConfig
 from .data import PaddingCollator, TruncationReport, tokenize_examples
 from .problems import MathExample
+from .scored_positions import ScoredPositionsTrainer
 
 
 @dataclass
@@ -167,7 +167,7 @@ def train_head(
     callbacks = [_TimeBudget(options.time_budget_seconds)] if options.time_budget_seconds else []
     if not options.progress_bar:
         callbacks.append(_LossPrinter())
-    trainer = Trainer(
+    trainer = ScoredPositionsTrainer(
         model=model,
         args=arguments,
         train_dataset=dataset,
