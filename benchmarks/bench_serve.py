@@ -1,8 +1,8 @@
 """Serving heads: throughput and latency with requests spread over 1, 10 and 100 heads, against the bare base, and a
 correctness run (many requests over many heads, none lost, each sampled one equal to its head run alone).
 
-    python benchmarks/bench_serve.py --base smollm2 --clients 8 --requests 64 --tokens 32 --rounds 2 \
-        --check-requests 1000 --check-tokens 8 --check-sample 40
+    python benchmarks/bench_serve.py --clients 8 --requests 24 --tokens 16 --rounds 2 \
+        --check-requests 1000 --check-tokens 2 --check-clients 32 --check-sample 40
 
 Everything runs in this one process: two servers on free loopback ports (the bare base, and the base with 100
 random heads loaded through `/v1/load_lora_adapter`'s code path), driven by `--clients` threads that each send
@@ -97,6 +97,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="the server's --max-batch")
     parser.add_argument("--check-requests", type=int, default=1000, help="requests of the correctness run (0: none)")
     parser.add_argument("--check-tokens", type=int, default=8, help="output tokens per correctness request")
+    parser.add_argument("--check-clients", type=int, default=32, help="concurrent clients of the correctness run")
     parser.add_argument("--check-sample", type=int, default=40, help="responses compared with their head alone")
     args = parser.parse_args()
     random.seed(0)
@@ -148,7 +149,9 @@ def main() -> None:
             check = None
             if args.check_requests:
                 jobs = [(random.choice(names), random.choice(prompts)) for _ in range(args.check_requests)]
-                seconds, results = drive(head_server.base_url, jobs, args.check_tokens, args.clients, ignore_eos=False)
+                seconds, results = drive(
+                    head_server.base_url, jobs, args.check_tokens, args.check_clients, ignore_eos=False
+                )
                 check = verify(base, heads, tokenizer, jobs, results, args)
                 check["seconds"] = seconds
     rows = [

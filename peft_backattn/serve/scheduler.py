@@ -253,7 +253,12 @@ class BatchScheduler:
             mask[i, width - len(ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.registry.model.config)
-        logits = self._forward(input_ids, mask, positions, cache, [r.request.head for r in rows])
+        try:
+            logits = self._forward(input_ids, mask, positions, cache, [r.request.head for r in rows])
+        except Exception as error:  # the joining rows fail; the running ones carry on
+            for row in rows:
+                row.request.post(Event(row.request.index, error=error))
+            return
         if self._rows:
             self._joined += len(rows)
             self._merge(cache, mask)
