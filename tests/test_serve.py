@@ -494,3 +494,20 @@ def test_serve_errors_are_one_line(tiny_lm_dir, capsys, args, message):
     stderr = capsys.readouterr().err
     assert len(stderr.splitlines()) == 1 and stderr.startswith("peft-backattn: error: ")
     assert message in stderr
+
+
+def test_an_error_inside_the_model_is_a_500_and_the_server_keeps_serving(client, server, monkeypatch):
+    scheduler = server.state.scheduler
+    forward = scheduler._forward
+    failures = iter([RuntimeError("out of memory (simulated)")])
+
+    def failing_once(*args):
+        for error in failures:
+            raise error
+        return forward(*args)
+
+    monkeypatch.setattr(scheduler, "_forward", failing_once)
+    with pytest.raises(openai.InternalServerError, match="simulated"):
+        client.completions.create(model="alpha", prompt="A", max_tokens=3)
+    assert client.completions.create(model="alpha", prompt="A", max_tokens=3).choices[0].finish_reason
+    wait_idle(server)

@@ -20,6 +20,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,6 +140,7 @@ class BatchScheduler:
         self._cache: DynamicCache | None = None
         self._mask: torch.Tensor | None = None  # (rows, cached positions), 1 where a real token is
         self._stopping = False
+        self._fixed: ExitStack | None = None  # the heads' "weights fixed" block, open between model changes
         self._steps = self._joined = self._max_batch_seen = self._cancelled = 0
         self._thread = threading.Thread(target=self._run, name="peft-backattn-scheduler", daemon=True)
         self._thread.start()
@@ -197,15 +199,32 @@ class BatchScheduler:
                     break
                 calls = self._ready_calls()
                 self._calls = [c for c in self._calls if c not in calls]
+            if calls:
+                self._leave_fixed()  # a load or unload changes the model: the heads check their caches again after
             for call in calls:
                 self._run_call(call)
             try:
+                self._enter_fixed()
                 self._admit()
                 if self._rows:
                     self._step()
             except Exception as error:  # a failed forward fails the rows in it, never the worker
                 self._fail_all(error)
+        self._leave_fixed()
         self._fail_all(RuntimeError("the server is shutting down"), include_waiting=True)
+
+    def _enter_fixed(self) -> None:
+        """Hold the heads' `weights_fixed()` block across steps: nothing changes a weight between two calls, so the
+        heads compare their cached tensors with the base weights once, not at every step."""
+        fixed = getattr(getattr(self.registry.model, "base_model", None), "weights_fixed", None)
+        if self._fixed is None and fixed is not None:
+            self._fixed = ExitStack()
+            self._fixed.enter_context(fixed())
+
+    def _leave_fixed(self) -> None:
+        if self._fixed is not None:
+            self._fixed.close()
+            self._fixed = None
 
     def _ready_calls(self) -> list[_Call]:
         return [c for c in self._calls if c.ready()]
