@@ -2,7 +2,7 @@
 correctness run (many requests over many heads, none lost, each sampled one equal to its head run alone).
 
     python benchmarks/bench_serve.py --clients 8 --requests 24 --tokens 16 --rounds 2 \
-        --check-requests 1000 --check-tokens 2 --check-clients 32 --check-sample 40
+        --check-requests 1000 --check-tokens 4 --check-clients 32 --check-sample 40
 
 Everything runs in this one process: two servers on free loopback ports (the bare base, and the base with 100
 random heads loaded through `/v1/load_lora_adapter`'s code path), driven by `--clients` threads that each send
@@ -103,7 +103,10 @@ def main() -> None:
     random.seed(0)
 
     base, tokenizer = load_base_model(EMBEDDED_DEFAULT)
-    prompts = [example.problem for example in generate_examples(200, split="test", seed=0)]
+    # The instruct base answers a bare problem with its end-of-turn token, so prompts are a user turn of its chat
+    # format (without the template's default system prompt, which would triple the prompt's length).
+    problems = [example.problem for example in generate_examples(200, split="test", seed=0)]
+    prompts = [f"<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n" for problem in problems]
     settings = [("bare base", 0), ("1 head", 1), ("10 heads", 10), (f"{args.heads} heads", args.heads)]
     with tempfile.TemporaryDirectory() as work:
         heads = make_heads(base, args.heads, Path(work))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -511,3 +513,16 @@ def test_an_error_inside_the_model_is_a_500_and_the_server_keeps_serving(client,
         client.completions.create(model="alpha", prompt="A", max_tokens=3)
     assert client.completions.create(model="alpha", prompt="A", max_tokens=3).choices[0].finish_reason
     wait_idle(server)
+
+
+def test_without_the_serve_extra_the_command_line_works_and_serve_says_what_to_install():
+    code = (
+        "import sys\n"
+        "sys.modules['fastapi'] = None  # as if the extra were not installed\n"
+        "from peft_backattn.cli import main\n"
+        "sys.exit(main(['serve', '--head', 'x=y']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("install them with: pip install 'peft-backattn[serve]'")
+    assert len(result.stderr.splitlines()) == 1
