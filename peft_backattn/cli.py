@@ -35,6 +35,7 @@ from transformers.trainer_callback import TrainerState
 from . import __version__
 from .config import BackAttnConfig
 from .layer import BASE_ADAPTER_NAME
+from .serve import SERVE_EXAMPLES, SERVE_HELP, add_serve_options, run_serve_command
 from .workbench.base_models import EMBEDDED_DEFAULT, check_positions, load_base_config, load_base_model
 from .workbench.data import load_problems
 from .workbench.demo import EVAL_MINUTES, run_demo
@@ -74,6 +75,7 @@ EXAMPLES = {
     "demo": """examples:
   peft-backattn demo
   peft-backattn demo --output-dir runs/demo --train-minutes 3""",
+    "serve": SERVE_EXAMPLES,
 }
 
 
@@ -273,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"time budget of the evaluation of base and head (default {EVAL_MINUTES:g}); it says what was cut",
     )  # fmt: skip
     demo.add_argument("--seed", type=seed_int, default=0, help="seed of data, head init and shuffling")
+    add_serve_options(command("serve", SERVE_HELP))
     for sub in (evaluate, generate, demo):
         sub.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     return parser
@@ -282,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
-        return {"train": _train, "eval": _eval, "generate": _generate, "demo": _demo}[args.command](args)
+        commands = {"train": _train, "eval": _eval, "generate": _generate, "demo": _demo, "serve": run_serve_command}
+        return commands[args.command](args)
     except KeyboardInterrupt:
         print("peft-backattn: interrupted", file=sys.stderr)
         return 130

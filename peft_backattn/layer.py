@@ -501,21 +501,70 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         return logits.to(x.dtype).reshape(*x.shape[:-1], logits.shape[-1])
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
-        """Run head adapter_names[i] on sample i ('__base__': the base layer); equal to running each alone."""
+        """Run head adapter_names[i] on sample i ('__base__': the base layer); equal to running each alone.
+
+        Several single softmax heads of one kind in the batch share their vocabulary-sized work (`_shared_forward`),
+        so that a batch of many different heads costs about what a batch of one head costs.
+        """
         batch = x.shape[0]
         names = expand_adapter_names(adapter_names, batch)
-        out = None
+        groups: dict[object, list[str]] = {}
         for name in dict.fromkeys(names):  # unique, in order of appearance
-            index = torch.tensor([i for i, n in enumerate(names) if n == name], device=x.device)
+            groups.setdefault(self._sharing_key(name) or name, []).append(name)
+        out = None
+        for members in groups.values():
+            index = torch.tensor([i for i, n in enumerate(names) if n in members], device=x.device)
             sub = x.index_select(0, index)
-            if name == BASE_ADAPTER_NAME:
+            if members == [BASE_ADAPTER_NAME]:
                 result = self.base_layer(sub)
+            elif len(members) == 1:
+                result = self.head_forward(members[0], sub)
             else:
-                result = self.head_forward(name, sub)
+                result = self._shared_forward(members, [names[i] for i in index.tolist()], sub)
             if out is None:
                 out = result.new_empty((batch, *result.shape[1:]))
             out.index_copy_(0, index, result.to(out.dtype))
         return out
+
+    def _sharing_key(self, name: str) -> tuple | None:
+        """Heads with equal keys can share their vocabulary-sized work in a mixed batch; None: this one cannot.
+
+        That is a single head with softmax weighting (the default) whose weights need no gradient and are not
+        offloaded: its weights w N and its product q̃ N^T depend on the frozen base alone, given rms_norm_eps.
+        """
+        if name == BASE_ADAPTER_NAME:
+            return None
+        head = self.backattn_heads[name]
+        config = head.config
+        if config.num_heads != 1 or config.logit_weighting != "softmax" or getattr(head, "_hf_hook", None):
+            return None
+        if torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters()):
+            return None
+        return ("shared softmax", config.combine, config.rms_norm_eps, config.chunk_size, head.norm_scale.dtype)
+
+    def _shared_forward(self, members: list[str], row_names: list[str], x: torch.Tensor) -> torch.Tensor:
+        """Logits of several single softmax heads, row i of x by head row_names[i], with one pass over the
+        vocabulary for all rows: the base logits z, the weights w N and q̃ N^T are computed once for the whole
+        group, and only the small per-head steps (g, W_V, W_Q, W_K: `query`, `query_in_embedding_space`) head by
+        head. The same operations as `head_forward` on each row's head, batched."""
+        first = self.backattn_heads[members[0]]
+        frozen = self.frozen_tensors(first.config)
+        rows = x.reshape(-1, x.shape[-1])  # (n, d_in), n = samples * positions
+        per_sample = rows.shape[0] // max(x.shape[0], 1)
+        row_heads = [name for name in row_names for _ in range(per_sample)]
+        base_logits = self.base_layer(rows)  # (n, V)
+        mixed = first.weighted_embedding(rows, base_logits, frozen)  # (n, d_e): the base's alone
+        q_emb = None
+        for name in members:
+            index = torch.tensor([i for i, n in enumerate(row_heads) if n == name], device=rows.device)
+            head = self.backattn_heads[name]
+            part = head.query_in_embedding_space(head.query(mixed.index_select(0, index)))[:, 0]  # (rows, d_e)
+            if q_emb is None:
+                q_emb = part.new_empty((rows.shape[0], part.shape[-1]))
+            q_emb.index_copy_(0, index, part)
+        residual = first.config.combine == "residual"
+        logits = first.single_head_logits(q_emb, base_logits if residual else None, frozen)
+        return logits.to(x.dtype).reshape(*x.shape[:-1], logits.shape[-1])
 
     # -- merging ----------------------------------------------------------------------------------------------
 

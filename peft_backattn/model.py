@@ -151,10 +151,20 @@ class BackAttnModel(BaseTuner):
         call = self._adapter_names_call
         if call is not None:
             call.repeat = generation_repeat(self.model, args, kwargs)
+        with self.weights_fixed():
+            return self.model.generate(*args, **kwargs)
+
+    @contextmanager
+    def weights_fixed(self) -> Iterator[None]:
+        """Inside, each head checks its caches against the base weights once, at first use, not at every forward.
+
+        For a caller that runs many forwards without changing a weight in between: a decoding loop, a server
+        (`peft-backattn serve` holds it between two loads or unloads of heads). `generate()` opens it itself.
+        """
         with ExitStack() as stack:
             for layer in self._backattn_layers():
                 stack.enter_context(layer._weights_fixed())
-            return self.model.generate(*args, **kwargs)
+            yield
 
     def clear_caches(self) -> None:
         """Free every head layer's cached tensors (`BackAttnLayer.clear_caches`); also `PeftModel.clear_caches()`."""
