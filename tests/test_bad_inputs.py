@@ -242,18 +242,18 @@ CASES = [
     Case("eval-head-from-another-base", [*EVAL, "--model", "{wider}", "--heads", "{head}"], "hidden size 32"),
     Case("eval-damaged-head", [*EVAL, "--heads", "{tmp}/copy"], ("copy/adapter_model.safetensors", "truncated"),
          copy_of_head_with("adapter_model.safetensors", half)),
-    # damaged checkpoint files when resuming: one line naming the file
-    Case("resume-truncated-checkpoint-weights", RESUME, "checkpoint-2/adapter_model.safetensors",
+    # damaged checkpoint files when resuming: checked before the Trainer reads them, one line naming the file
+    Case("resume-truncated-checkpoint-weights", RESUME, "incomplete: adapter_model.safetensors is trunc",
          copy_of_head_with("checkpoint-2/adapter_model.safetensors", half)),
-    Case("resume-empty-optimizer", RESUME, "cannot read {tmp}/copy/checkpoint-2/optimizer.pt: it is truncated",
+    Case("resume-empty-optimizer", RESUME, "no complete checkpoint in {tmp}/copy (checkpoint-2 is",
          copy_of_head_with("checkpoint-2/optimizer.pt", empty)),
-    Case("resume-garbage-optimizer", RESUME, ("checkpoint-2/optimizer.pt", "UnpicklingError"),
+    Case("resume-garbage-optimizer", RESUME, "checkpoint-2 is incomplete: optimizer.pt is truncated or corrupt",
          copy_of_head_with("checkpoint-2/optimizer.pt", garbage)),
-    Case("resume-truncated-scheduler", RESUME, "checkpoint-2/scheduler.pt: it is truncated or corrupted",
+    Case("resume-truncated-scheduler", RESUME, "checkpoint-2 is incomplete: scheduler.pt is truncated or corrupt",
          copy_of_head_with("checkpoint-2/scheduler.pt", half)),
-    Case("resume-truncated-rng-state", RESUME, ("checkpoint-2/rng_state.pth", "delete {tmp}/copy/checkpoint-2"),
+    Case("resume-truncated-rng-state", RESUME, ("rng_state.pth is truncated or corrupt", "train without --resume"),
          copy_of_head_with("checkpoint-2/rng_state.pth", half)),
-    Case("resume-truncated-trainer-state", RESUME, "checkpoint-2/trainer_state.json: it is truncated or corrupted",
+    Case("resume-truncated-trainer-state", RESUME, "checkpoint-2 is incomplete: trainer_state.json is truncated",
          copy_of_head_with("checkpoint-2/trainer_state.json", half)),
 ]  # fmt: skip
 
