@@ -1,4 +1,5 @@
-"""The `peft-backattn` command line: train, eval, generate and demo, each a thin layer over the Python API.
+"""The `peft-backattn` command line: train, eval, generate and demo, each a thin layer over the Python API, and
+lm-eval (lm-evaluation-harness's own command line, with the method registered).
 
 Errors the user can fix (a wrong path, an unknown model, a dataset without the needed fields, a head from another
 base) print one line, `peft-backattn: error: ...`, and exit with status 2, without a traceback.
@@ -23,10 +24,12 @@ from peft import PeftConfig
 from transformers import set_seed
 
 from . import __version__
+from . import lm_eval as harness
 from .config import BackAttnConfig
 from .layer import BASE_ADAPTER_NAME
+from .model_card import record_card_details
 from .workbench.base_models import EMBEDDED_DEFAULT, load_base_model
-from .workbench.data import load_problems
+from .workbench.data import load_problems, stream_examples
 from .workbench.demo import EVAL_MINUTES, run_demo
 from .workbench.evaluation import (
     BASE_NAME,
@@ -62,6 +65,10 @@ EXAMPLES = {
     "demo": """examples:
   peft-backattn demo
   peft-backattn demo --output-dir runs/demo --train-minutes 3""",
+    "lm-eval": """examples:
+  peft-backattn lm-eval --model hf --model_args pretrained=BASE,peft=HEAD --tasks gsm8k_local \\
+      --metadata gsm8k_dir=../shared/data/gsm8k --limit 200 --output_path results/
+  peft-backattn lm-eval --help     (lm-eval's own help: every argument after lm-eval is lm-eval's)""",
 }
 
 
@@ -168,6 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = command("train", "Fine-tune a head on math problems with the HF Trainer; saves only the head.")
     model_options(train)
     data_options(train, split="train", seed=False)  # --seed comes with the training options
+    train.add_argument(
+        "--streaming", action="store_true",
+        help="read a local file or hub dataset lazily as training consumes it (needs --steps)",
+    )  # fmt: skip
     add_dataclass_options(
         train.add_argument_group("training (TrainingOptions fields, see docs/api.md)"), TrainingOptions
     )
@@ -203,12 +214,18 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"time budget of the evaluation of base and head (default {EVAL_MINUTES:g}); it says what was cut",
     )  # fmt: skip
     demo.add_argument("--seed", type=int, default=0, help="seed of data, head init and shuffling")
+    command(
+        "lm-eval", "Score heads with lm-evaluation-harness: its own arguments, with the backattn method registered."
+    )
     for sub in (evaluate, generate, demo):
         sub.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # every argument after it is lm-eval's, --help included
+        return harness.main(argv[1:])
     quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
@@ -236,10 +253,16 @@ def quiet_dependencies() -> None:
 def _train(args: argparse.Namespace) -> int:
     options = TrainingOptions(**given_options(TrainingOptions, args))
     config = BackAttnConfig(**given_options(BackAttnConfig, args))
-    examples = _load_data(args, seed=options.seed)
+    if args.streaming:
+        examples = stream_examples(
+            args.data, fields=args.fields, split=args.split, limit=args.limit, subset=args.subset
+        )
+    else:
+        examples = _load_data(args, seed=options.seed)
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
     set_seed(options.seed)  # the head's initial weights
     model = attach_head(base, config)
+    record_card_details(model, training_data=_data_description(args))
     report = train_head(model, tokenizer, examples, options)
     if _is_main_process():
         print(
@@ -334,6 +357,17 @@ def _load_data(args: argparse.Namespace, seed: int) -> list:
     return load_problems(
         args.data, fields=args.fields, split=args.split, limit=args.limit, seed=seed, subset=args.subset
     )
+
+
+def _data_description(args: argparse.Namespace) -> str:
+    """The training data as the head's model card names it."""
+    if args.data == "synthetic":
+        return f"`synthetic`: {args.limit or 1000} generated arithmetic word problems (split {args.split})"
+    where = f"`{args.data}`" + (f" (configuration {args.subset}, split {args.split})" if args.subset else "")
+    if not os.path.exists(os.path.expanduser(args.data)) and not args.subset:
+        where += f" (split {args.split})"
+    rows = f"the first {args.limit} rows" if args.limit else "all rows"
+    return f"{where}, {rows}{', streamed' if args.streaming else ''}; fields: {args.fields or 'detected'}"
 
 
 def _loss(value: float | None) -> str:

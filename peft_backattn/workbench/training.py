@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from datasets import IterableDataset
 from peft import PeftModel, get_peft_model
 from transformers import (
     PreTrainedModel,
@@ -26,7 +27,9 @@ from transformers.trainer_callback import PrinterCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..config import BackAttnConfig
-from .data import PaddingCollator, TruncationReport, tokenize_examples
+from ..model_card import record_card_details
+from .data import PaddingCollator, TruncationReport, tokenize_examples, tokenize_stream
+from .distributed import gathered_head
 from .problems import MathExample
 
 
@@ -147,10 +150,14 @@ def attach_head(
 def train_head(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[MathExample],
+    examples: Sequence[MathExample] | IterableDataset,
     options: TrainingOptions,
 ) -> TrainingReport:
     """Fine-tune the active head of `model` on `examples`; writes the head to `options.output_dir`.
+
+    `examples` is a list of MathExamples, or a streamed `datasets.IterableDataset` of rows with their fields
+    (`problem`, `solution`, `answer`; `data.stream_examples` makes one from a file or a hub dataset), which is
+    tokenised as it is read and needs `max_steps > 0`; its truncation is counted as it streams and printed at the end.
 
     Checkpoints (head weights, optimiser and scheduler state) go to `output_dir/checkpoint-<step>`; the final head
     is written last, next to them, as `adapter_config.json` + `adapter_model.safetensors`.
@@ -160,8 +167,14 @@ def train_head(
         raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
     if options.resume and not (Path(options.output_dir).is_dir() and get_last_checkpoint(options.output_dir)):
         raise ValueError(f"--resume: no checkpoint-* folder in {options.output_dir}; train without --resume first.")
-    dataset, truncation = tokenize_examples(examples, tokenizer, options.max_length)
-    print(f"Training data: {truncation}", flush=True)
+    streamed = isinstance(examples, IterableDataset)
+    if streamed and options.max_steps <= 0:
+        raise ValueError("A streamed data set has no length to make epochs of; give --steps (max_steps > 0).")
+    if streamed:  # tokenised a batch at a time as the Trainer reads it
+        dataset, truncation = tokenize_stream(examples, tokenizer, options.max_length, options.batch_size)
+    else:
+        dataset, truncation = tokenize_examples(examples, tokenizer, options.max_length)
+    print(f"Training data: {'streamed, counted as it is read' if streamed else truncation}", flush=True)
 
     arguments = options.training_arguments()
     callbacks = [_TimeBudget(options.time_budget_seconds)] if options.time_budget_seconds else []
@@ -179,9 +192,13 @@ def train_head(
     start = time.monotonic()
     trainer.train(resume_from_checkpoint=True if options.resume else None)
     seconds = time.monotonic() - start
-    if options.save_final and trainer.is_world_process_zero():
-        save_head(model, options.output_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if streamed:
+        print(f"Training data: {truncation}", flush=True)
+    record_card_details(model, training=card_training_details(options, trainer, seconds, losses, truncation))
+    with gathered_head(model):  # DeepSpeed ZeRO-3: every process helps gather the head's weights for the save
+        if options.save_final and trainer.is_world_process_zero():
+            save_head(model, options.output_dir)
     return TrainingReport(
         steps=trainer.state.global_step,
         seconds=seconds,
@@ -192,6 +209,30 @@ def train_head(
         processes=trainer.args.world_size,
         losses=losses,
     )
+
+
+def card_training_details(
+    options: TrainingOptions, trainer: Trainer, seconds: float, losses: list[float], truncation: TruncationReport
+) -> dict[str, object]:
+    """The training run as the head's model card shows it (see `peft_backattn.model_card`)."""
+    details: dict[str, object] = {
+        "trainer": "transformers Trainer (peft_backattn.workbench.training.train_head)",
+        "optimiser steps": trainer.state.global_step,
+        "processes": trainer.args.world_size,
+        "examples per step and process": options.batch_size,
+        "gradient accumulation steps": options.gradient_accumulation_steps,
+        "learning rate (AdamW)": options.learning_rate,
+        "warm-up ratio": options.warmup_ratio,
+        "weight decay": options.weight_decay,
+        "max length (tokens)": options.max_length,
+        "seed": options.seed,
+        "training time (s)": round(seconds, 1),
+        "examples read": truncation.total,
+        "examples truncated / dropped": f"{truncation.truncated} / {truncation.dropped}",
+    }
+    if losses:
+        details["training loss, first and last logged"] = f"{losses[0]:.4f} -> {losses[-1]:.4f}"
+    return details
 
 
 def save_head(model: PeftModel, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
@@ -206,6 +247,7 @@ def save_head(model: PeftModel, directory: str | os.PathLike, adapter_name: str 
     with tempfile.TemporaryDirectory(dir=directory, prefix=".saving-") as staging:
         model.save_pretrained(staging, selected_adapters=[name])
         written = Path(staging) if name == "default" else Path(staging) / name
-        for item in written.iterdir():
+        card = [] if name == "default" else [Path(staging) / "README.md"]  # PEFT writes the card at the top
+        for item in [*written.iterdir(), *card]:
             if item.is_file():
                 os.replace(item, directory / item.name)
