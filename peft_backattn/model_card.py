@@ -14,6 +14,7 @@ user's own is left to PEFT's update (which adds its metadata and keeps the text)
 from __future__ import annotations
 
 import functools
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import fields
@@ -23,6 +24,7 @@ from huggingface_hub import ModelCard
 from peft import PeftConfig, PeftModel
 from peft import __version__ as peft_version
 
+from ._files import expected_head_shapes
 from .config import BackAttnConfig
 from .layer import BackAttnLayer
 
@@ -115,12 +117,13 @@ def _layer(model: PeftModel) -> BackAttnLayer | None:
 
 
 def head_parameters(model: PeftModel, adapter_name: str) -> tuple[int, int]:
-    """A head's parameter count and its size in bytes (in the dtype it is held in)."""
+    """A head's parameter count (from its config's shapes, so also right while DeepSpeed ZeRO-3 partitions the
+    weights) and its size in bytes in the dtype it is held in."""
+    count = sum(math.prod(shape) for shape in expected_head_shapes(model.peft_config[adapter_name]).values())
     layer = _layer(model)
-    if layer is None or adapter_name not in layer.backattn_heads:
-        return 0, 0
-    params = list(layer.backattn_heads[adapter_name].parameters())
-    return sum(p.numel() for p in params), sum(p.numel() * p.element_size() for p in params)
+    held = layer.backattn_heads[adapter_name] if layer is not None and adapter_name in layer.backattn_heads else None
+    itemsize = next(held.parameters()).element_size() if held is not None else 4
+    return count, count * itemsize
 
 
 def _size(num_bytes: int) -> str:

@@ -16,13 +16,21 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from peft_backattn import BackAttnConfig
+from peft_backattn import lm_eval as harness
+from peft_backattn.cli import main
 from peft_backattn.lm_eval import lm_eval_arguments
 from peft_backattn.lm_eval_tasks import TASKS_DIR
 
-pytest.importorskip("lm_eval", reason="lm-eval is the optional extra peft-backattn[lm-eval] (lm-eval==0.4.13)")
-from lm_eval import simple_evaluate  # noqa: E402
-from lm_eval.models.huggingface import HFLM  # noqa: E402
-from lm_eval.tasks import TaskManager  # noqa: E402
+try:
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+except ImportError:  # the optional extra
+    simple_evaluate = HFLM = TaskManager = None
+
+needs_lm_eval = pytest.mark.skipif(
+    simple_evaluate is None, reason="lm-eval is the optional extra peft-backattn[lm-eval] (lm-eval==0.4.13)"
+)
 
 QUESTIONS = [("What is 2 + 3?", "5", ["5", "6", "7"]), ("What is 4 * 2?", "8", ["6", "8", "9"]),
              ("What is 9 - 4?", "5", ["4", "5", "13"]), ("What is 10 / 2?", "5", ["2", "5", "20"])]  # fmt: skip
@@ -105,6 +113,7 @@ def responses(results: dict) -> dict[str, list]:
     }
 
 
+@needs_lm_eval
 def test_the_command_line_scores_a_head_on_a_tied_base_as_the_python_api_does(setup):
     output = setup["work"] / "cli_results"
     command = [
@@ -138,12 +147,14 @@ def test_the_command_line_scores_a_head_on_a_tied_base_as_the_python_api_does(se
     assert base["tiny_gen"] != api_samples["tiny_gen"]  # and what the model generates
 
 
+@needs_lm_eval
 def test_an_untied_base_with_a_head_scores_differently_from_the_base(setup):
     with_head = responses(evaluate(setup, "untied", "head_untied", tasks=("tiny_mc",)))
     base = responses(evaluate(setup, "untied", tasks=("tiny_mc",)))
     assert base["tiny_mc"] != with_head["tiny_mc"]
 
 
+@needs_lm_eval
 def test_a_base_that_lm_eval_resizes_refuses_the_head(setup, tmp_path):
     """lm-eval resizes the embeddings to len(tokenizer) before it loads the adapter when the config's vocabulary
     differs; the head was built for the config's vocabulary and is refused in one line."""
@@ -167,6 +178,7 @@ def test_the_shipped_tasks_are_added_unless_an_include_path_is_given():
     assert (TASKS_DIR / "gsm8k_local.yaml").is_file()
 
 
+@needs_lm_eval
 def test_gsm8k_local_is_lm_evals_gsm8k_reading_local_files(tmp_path):
     """Same prompt, few-shot examples, filters and metric as lm-eval's gsm8k; the data from local JSONL files."""
     rows = [{"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"} for i in range(8)]
@@ -179,3 +191,9 @@ def test_gsm8k_local_is_lm_evals_gsm8k_reading_local_files(tmp_path):
     assert [f.name for f in task._filters] == ["strict-match", "flexible-extract"]
     docs = list(task.test_docs())
     assert docs[0]["question"] == rows[0]["question"] and len(list(task.fewshot_docs())) == 8
+
+
+def test_without_lm_eval_the_command_says_how_to_get_it(monkeypatch, capsys):
+    monkeypatch.setattr(harness, "cli_evaluate", None)
+    assert main(["lm-eval", "--model", "hf"]) == 2
+    assert capsys.readouterr().err == f"peft-backattn: error: {harness.MISSING}\n"

@@ -20,7 +20,11 @@ from peft_backattn.workbench import trl_recipe
 from peft_backattn.workbench.trl_recipe import check_loss_type, check_trl, sft_config, sft_trainer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
-trl = pytest.importorskip("trl", reason='TRL is the optional extra peft-backattn[trl]; pip install "trl>=1.10,<1.15"')
+VERSION = trl_recipe.installed_trl_version()
+WORKS = VERSION is not None and trl_recipe.FIRST_WORKING <= trl_recipe.Version(VERSION) < trl_recipe.FIRST_REFUSING
+needs_working_trl = pytest.mark.skipif(
+    not WORKS, reason=f"needs TRL {trl_recipe.TRL_RANGE}, the optional extra peft-backattn[trl]; installed: {VERSION}"
+)
 
 
 def test_newer_trl_is_refused_in_one_line_naming_the_working_range(monkeypatch):
@@ -42,10 +46,7 @@ def test_chunked_loss_is_refused():
         check_loss_type("chunked_nll")
 
 
-@pytest.mark.skipif(
-    not (trl_recipe.FIRST_WORKING <= trl_recipe.Version(trl.__version__) < trl_recipe.FIRST_REFUSING),
-    reason=f"the installed TRL {trl.__version__} is outside the working range {trl_recipe.TRL_RANGE}",
-)
+@needs_working_trl
 def test_sft_trainer_trains_only_the_head_and_the_reload_is_exact(tmp_path):
     model_dir = save_tiny_lm(tmp_path / "model", chat=False)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -81,10 +82,7 @@ def test_sft_trainer_trains_only_the_head_and_the_reload_is_exact(tmp_path):
         assert torch.equal(reloaded(input_ids=ids).logits, trained)
 
 
-@pytest.mark.skipif(
-    not (trl_recipe.FIRST_WORKING <= trl_recipe.Version(trl.__version__) < trl_recipe.FIRST_REFUSING),
-    reason=f"the installed TRL {trl.__version__} is outside the working range {trl_recipe.TRL_RANGE}",
-)
+@needs_working_trl
 def test_the_example_script_trains_a_head_with_trl(tmp_path):
     model_dir = save_tiny_lm(tmp_path / "model", chat=False)
     output = tmp_path / "trl_head"
