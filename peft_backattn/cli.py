@@ -38,7 +38,7 @@ from .layer import BASE_ADAPTER_NAME
 from .serve import SERVE_EXAMPLES, SERVE_HELP, add_serve_options, run_serve_command
 from .workbench.base_models import EMBEDDED_DEFAULT, check_positions, load_base_config, load_base_model
 from .workbench.data import load_problems
-from .workbench.demo import EVAL_MINUTES, run_demo
+from .workbench.demo import EVAL_MINUTES, TRAIN_MINUTES, run_demo
 from .workbench.evaluation import (
     BASE_NAME,
     check_generation_length,
@@ -269,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = command("demo", "The main job on the embedded defaults: train, evaluate, save, reload, swap heads.")
     demo.add_argument("--output-dir", default="runs/demo", help="where the heads and demo_results.json go")
     demo.add_argument("--model", default=EMBEDDED_DEFAULT, help="base model (default: the embedded SmolLM2)")
-    demo.add_argument("--train-minutes", type=positive_float, default=3.0, help="training time of the math head")
+    demo.add_argument(
+        "--train-minutes", type=positive_float, default=TRAIN_MINUTES, help="training time of the math head"
+    )
     demo.add_argument(
         "--eval-minutes", type=non_negative_float, default=EVAL_MINUTES,
         help=f"time budget of the evaluation of base and head (default {EVAL_MINUTES:g}); it says what was cut",

@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -165,12 +166,23 @@ def test_demo_evaluation_budget_cuts_generation_short_and_says_so(tiny_lm_dir, t
     )  # fmt: skip
     assert code == 0
     results = json.loads((tmp_path / "demo_results.json").read_text())["results"]
-    assert results["base"]["n"] == results["math"]["n"] == 4  # one batch, then the budget is spent
-    assert results["base"]["perplexity_problems"] == results["math"]["perplexity_problems"] == 4
-    assert (
-        "perplexity on 4 of 12 problems, answers scored on 4 of 12 (both models on the same problems)"
-        in capsys.readouterr().out
-    )
+    assert results["base"]["n"] == results["math"]["n"] == 0  # a spent budget starts no generation batch
+    assert results["base"]["exact_match"] is None and results["math"]["exact_match"] is None
+    assert results["base"]["perplexity_problems"] == results["math"]["perplexity_problems"] == 4  # one batch
+    out = capsys.readouterr().out
+    assert "perplexity on 4 of 12 problems, answers scored on 0 of 12 (both models on the same problems)" in out
+    assert "no answers scored (the evaluation budget ran out before generation)" in out
+
+
+def test_demo_shortens_its_evaluation_when_earlier_steps_ran_long():
+    from peft_backattn.workbench import demo
+
+    now = time.monotonic()
+    assert demo._evaluation_seconds(now, 3.0, 2.5) == 150.0  # on time: the whole budget
+    late = demo._evaluation_seconds(now - 400, 3.0, 2.5)  # 600 s promised, 90 s kept for steps 5 and 6
+    assert 109.0 < late <= 110.0
+    assert demo._evaluation_seconds(now - 700, 3.0, 2.5) == 0.0
+    assert demo._evaluation_seconds(now - 400, 8.0, 2.5) == 150.0  # 5 more minutes of training move the promise
 
 
 @pytest.mark.parametrize("no_progress", [False, True], ids=["progress", "no-progress"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -151,17 +152,41 @@ def test_generation_prompts_are_encoded_as_training_prompts(tmp_path):
         assert solution == tokenizer.decode([expected], skip_special_tokens=True)
 
 
-def test_a_time_budget_scores_every_model_on_the_same_problems(two_heads):
-    """A spent budget still runs one batch of each phase, for every model, on the same problems."""
+def test_a_spent_time_budget_scores_one_perplexity_batch_and_no_answers(two_heads):
+    """A spent budget still gives every model a perplexity (one batch, the same problems) and skips generation."""
     model, tokenizer = two_heads
     examples = generate_examples(6, split="test")
     settings = dict(max_new_tokens=2, batch_size=2, max_length=128, progress=False)
     cut = evaluate_heads(model, tokenizer, examples, ["base", "math", "code"], time_budget_seconds=0.0, **settings)
-    whole = evaluate_heads(model, tokenizer, examples[:2], ["base", "math", "code"], **settings)
-    assert [(r.n, r.perplexity_problems) for r in cut.values()] == [(2, 2)] * 3
+    whole = evaluate_heads(model, tokenizer, examples[:2], ["base", "math", "code"], generation_limit=0, **settings)
+    assert [(r.n, r.perplexity_problems, r.exact_match, r.f1) for r in cut.values()] == [(0, 2, None, None)] * 3
     for name in cut:  # the same two problems give the same metrics, whatever cut them
         assert cut[name].truncated == 6 and whole[name].truncated == 2  # counted over all examples given
         assert dataclasses.replace(cut[name], truncated=2) == whole[name]
+
+
+def test_a_time_budget_stops_generation_between_batches_for_every_model(two_heads, monkeypatch):
+    """No generation batch starts once the budget is spent; all models are scored on the same problems."""
+    from peft_backattn.workbench import evaluation
+
+    clock = {"now": 0.0}  # a clock that moves only when a batch is generated: 10 s per model and batch
+    monkeypatch.setattr(evaluation, "time", types.SimpleNamespace(monotonic=lambda: clock["now"]))
+    generate_batch = evaluation._generate_batch
+
+    def slow_generate_batch(*args, **kwargs):
+        clock["now"] += 10.0
+        return generate_batch(*args, **kwargs)
+
+    monkeypatch.setattr(evaluation, "_generate_batch", slow_generate_batch)
+    model, tokenizer = two_heads
+    examples = generate_examples(7, split="test")
+    settings = dict(max_new_tokens=2, batch_size=2, max_length=128, progress=False)
+    heads = ["base", "math", "code"]
+    cut = evaluate_heads(model, tokenizer, examples, heads, time_budget_seconds=35.0, **settings)
+    # batch 1 starts at 0 s, batch 2 at 30 s (< 35), batch 3 would start at 60 s: 4 problems answered
+    assert [(r.n, r.perplexity_problems) for r in cut.values()] == [(4, 7)] * 3
+    clock["now"] = 0.0
+    assert cut == evaluate_heads(model, tokenizer, examples, heads, generation_limit=4, **settings)
 
 
 def test_models_taking_turns_equal_each_model_evaluated_alone(two_heads):

@@ -201,9 +201,10 @@ def evaluate_heads(
     """Evaluate several heads of one PeftModel (and the base, named 'base') on the same problems.
 
     The models take turns batch by batch (a head switch costs milliseconds), so that every model is always scored
-    on the same problems. With `time_budget_seconds`, no perplexity batch starts after a third of the budget and no
-    generation batch after all of it (the first batch of each always runs): the budget bounds the evaluation to
-    within one batch per model, and `n` and `perplexity_problems` say how far it got.
+    on the same problems. With `time_budget_seconds`, no perplexity batch starts after a third of the budget (the
+    first always runs, so that perplexity is defined) and no generation batch after all of it (a spent budget skips
+    generation: `n` is 0 and exact match None): the budget bounds the evaluation to within one batch per model, and
+    `n` and `perplexity_problems` say how far it got.
     """
     settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
     models = {name: functools.partial(use_head, model, name) for name in heads}
@@ -266,7 +267,7 @@ def _evaluate_together(
     generation_start, new_tokens = time.monotonic(), 0
     with Progress(len(scored), "generating", unit="problem", enabled=progress) as shown:
         for first in range(0, len(scored), batch_size):
-            if first and time.monotonic() - start >= budget:
+            if time.monotonic() - start >= budget:
                 break
             problems = [e.problem for e in scored[first : first + batch_size]]
             for name, enter in models.items():
