@@ -100,6 +100,16 @@ class BackAttnConfig(PeftConfig):
             )
         },
     )
+    init_std: float = field(
+        default=0.02,
+        metadata={
+            "help": (
+                "Standard deviation of the random initial W_K and W_V (and of W_Q where it does not start at zero, "
+                "and the mixture gate). The scores Q K^T move with the square of it, so a larger start lets a "
+                "residual head learn faster at the same learning rate."
+            )
+        },
+    )
     chunk_size: int = field(
         default=512,
         metadata={
@@ -225,6 +235,7 @@ class BackAttnConfig(PeftConfig):
         one_of("query_activation", tuple(QUERY_ACTIVATIONS), allow_none=True)
         finite_positive("scaling", allow_none=True)
         finite_positive("rms_norm_eps")
+        finite_positive("init_std")
         if not isinstance(self.init_weights, bool):
             raise ValueError(f"BackAttnConfig.init_weights must be True or False, got {self.init_weights!r}.")
         if self.target_modules is not None:

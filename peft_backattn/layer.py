@@ -87,7 +87,7 @@ class BackAttnHead(nn.Module):
 
     def reset_parameters(self) -> None:
         """Small random W_K, W_V (and gate); W_Q zero where the residual combine allows an identity start."""
-        std = 0.02
+        std = self.config.init_std
         nn.init.normal_(self.value_proj, std=std)
         nn.init.normal_(self.key_proj, std=std)
         if self.gate is not None:

@@ -27,6 +27,8 @@ from peft_backattn import BackAttnConfig, BackAttnLayer
         ("scaling", -1.0, "BackAttnConfig.scaling must be a finite positive number or None"),
         ("rms_norm_eps", 0, "BackAttnConfig.rms_norm_eps must be a finite positive number"),
         ("init_weights", "yes", "BackAttnConfig.init_weights must be True or False"),
+        ("init_std", 0.0, "BackAttnConfig.init_std must be a finite positive number, got 0.0"),
+        ("init_std", float("nan"), "BackAttnConfig.init_std must be a finite positive number, got nan"),
         ("target_modules", ["lm_head"], "BackAttnConfig.target_modules must stay None"),
     ],
 )

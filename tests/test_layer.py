@@ -11,6 +11,7 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_backattn import BackAttnConfig, BackAttnLayer, reference_logits
+from peft_backattn.layer import BackAttnHead
 
 MODES = list(itertools.product(("raw", "softmax"), ("replace", "residual"), (1, 3), (None, "gelu")))
 
@@ -158,3 +159,13 @@ def test_frozen_tensors_follow_a_change_of_the_base_embeddings():
         layer(hidden)
         layer.embedding_weight.mul_(1.7).add_(0.1)  # in place, as a user fine-tuning the base would
         torch.testing.assert_close(layer(hidden).double(), reference_for(layer, hidden), atol=2e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("std", [0.02, 0.1])
+def test_init_std_sets_the_spread_of_the_random_matrices(std):
+    head = BackAttnHead(BackAttnConfig(r=64, num_heads=2, init_std=std), embedding_dim=256)
+    for matrix in (head.value_proj, head.key_proj, head.gate):
+        assert abs(matrix.std().item() / std - 1) < 0.1
+    assert torch.count_nonzero(head.query_proj) == 0  # residual: W_Q still starts at zero
+    replace = BackAttnHead(BackAttnConfig(r=64, combine="replace", init_std=std), embedding_dim=256)
+    assert abs(replace.query_proj.std().item() / std - 1) < 0.1
