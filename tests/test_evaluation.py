@@ -72,6 +72,17 @@ def test_evaluate_reports_the_metrics_of_its_own_generations(two_heads):
     assert result.n == 4 and result.target_tokens == count
 
 
+def test_evaluate_reports_the_share_of_generations_with_an_answer_line(two_heads, monkeypatch):
+    from peft_backattn.workbench import evaluation
+
+    texts = ["3 + 4 = 7\n#### 7", "so it is 3", "#### five", "x\n#### 1,200\n"]
+    monkeypatch.setattr(evaluation, "_generate_batch", lambda *args: (texts[: len(args[2])], 0))
+    model, tokenizer = two_heads
+    result = evaluate(model, tokenizer, generate_examples(4, split="test"), batch_size=4, max_length=256)
+    assert result.answer_lines == 0.5 and result.n == 4
+    assert evaluate(model, tokenizer, generate_examples(4, split="test"), generation_limit=0).answer_lines is None
+
+
 def test_generation_with_one_head_per_problem_equals_each_head_on_the_batch(two_heads):
     model, tokenizer = two_heads
     problems = [e.problem for e in generate_examples(3, split="validation")]

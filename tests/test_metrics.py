@@ -14,6 +14,7 @@ from peft_backattn.workbench.metrics import (
     answers_match,
     exact_match,
     extract_answer,
+    has_answer_line,
     mean_token_overlap,
     normalize_answer,
     numeric_errors,
@@ -21,6 +22,7 @@ from peft_backattn.workbench.metrics import (
     perplexity,
     token_overlap,
     tokenize_for_overlap,
+    wilson_interval,
 )
 
 
@@ -326,3 +328,51 @@ def test_gsm8k_references_are_numbers():
         references = [_gsm8k_reference(json.loads(line)) for line in f if line.strip()]
     assert [r for r in references if parse_number(r) is None] == []
     assert any("," in r for r in references)  # the thousands commas are exercised
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("3 + 4 = 7\n#### 7", True),
+        ("#### 1,200\nand then more text", True),  # the answer line need not be last
+        ("#### $18.50", True),
+        ("#### seven", False),  # the line is there, the number is not
+        ("#### 3 and 4", False),
+        ("The answer is 7.", False),  # a number, but not the format
+        ("", False),
+        (None, False),
+    ],
+)
+def test_has_answer_line(text, expected):
+    assert has_answer_line(text) is expected
+
+
+def _wilson_by_bisection(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson interval from its definition: the p whose normal test does not reject p_hat, |p_hat - p| <=
+    z sqrt(p (1 - p) / n), found by bisection on each side of p_hat."""
+    p_hat = successes / n
+
+    def inside(p: float) -> bool:
+        return abs(p_hat - p) <= z * math.sqrt(p * (1 - p) / n)
+
+    def edge(outside: float, inner: float) -> float:
+        for _ in range(200):
+            middle = (outside + inner) / 2
+            outside, inner = (outside, middle) if inside(middle) else (middle, inner)
+        return inner
+
+    return edge(0.0, p_hat) if successes else 0.0, edge(1.0, p_hat) if successes < n else 1.0
+
+
+@pytest.mark.parametrize("successes, n", [(0, 200), (1, 200), (13, 200), (100, 200), (200, 200), (3, 7)])
+def test_wilson_interval_matches_its_definition(successes, n):
+    low, high = wilson_interval(successes, n)
+    expected_low, expected_high = _wilson_by_bisection(successes, n)
+    assert low == pytest.approx(expected_low, abs=1e-9) and high == pytest.approx(expected_high, abs=1e-9)
+    assert low <= successes / n <= high
+
+
+@pytest.mark.parametrize("successes, n", [(1, 0), (-1, 10), (11, 10)])
+def test_wilson_interval_refuses_impossible_counts(successes, n):
+    with pytest.raises(ValueError, match="wilson_interval needs 0 <= successes <= n and n > 0"):
+        wilson_interval(successes, n)

@@ -35,7 +35,14 @@ from .data import (
     prompt_adds_special_tokens,
     tokenize_examples,
 )
-from .metrics import exact_match, extract_answer, mean_token_overlap, numeric_errors, perplexity
+from .metrics import (
+    exact_match,
+    extract_answer,
+    has_answer_line,
+    mean_token_overlap,
+    numeric_errors,
+    perplexity,
+)
 from .problems import MathExample
 from .progress import Progress
 
@@ -59,6 +66,7 @@ class EvalResult:
     unparsed_answers: int  # generations with no numeric answer where the reference has one (not in MSE/RMSE)
     truncated: int  # examples cut to max_length (of all given; counted, never silent)
     perplexity_problems: int  # problems behind the perplexity (all, unless a time budget ran out)
+    answer_lines: float | None = None  # share of generations with a parseable `#### N` line (None: none scored)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -304,6 +312,7 @@ def _result(
         unparsed_answers=errors.n_unparsed,
         truncated=truncation.truncated + truncation.dropped,
         perplexity_problems=perplexity_problems,
+        answer_lines=sum(map(has_answer_line, solutions)) / len(solutions) if generated else None,
     )
 
 

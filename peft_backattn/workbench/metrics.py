@@ -137,6 +137,24 @@ def extract_answer(text: str) -> str | None:
     return answer.strip() or None
 
 
+def has_answer_line(text: str | None) -> bool:
+    """Whether a solution states its answer the GSM8K way, in a `#### N` line whose N is one number: the format a
+    math head should at least teach, whether or not N is right."""
+    return bool(text) and "####" in text and parse_number(extract_answer(text)) is not None
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion (95 % for z = 1.96): the range an exact match of `successes` of `n` is
+    compatible with, so that a difference of one problem is not read as a result. Sound at 0 and n, unlike the
+    normal approximation."""
+    if n <= 0 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= n and n > 0, got {successes} of {n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def parse_number(text: str | None) -> float | None:
     """Numeric value of an answer string, or None when it is not exactly one finite number.
 
