@@ -51,14 +51,18 @@ def load_base(name: str) -> nn.Module:
     raise ValueError(f"unknown base {name!r}: use tiny-gpt2 or smollm2")
 
 
-def attach(base: nn.Module, method: str, r: int = 64) -> nn.Module:
-    """A fresh copy of `base` prepared for `method`: a backattn mode, 'lora r=8', 'output head' or 'base'."""
+def attach(base: nn.Module, method: str, r: int = 64, seed: int = 0, init_std: float | None = None) -> nn.Module:
+    """A fresh copy of `base` prepared for `method`: a backattn mode, 'lora r=8', 'output head' or 'base'.
+
+    `seed` draws the adapter's random initial weights; `init_std` sets a head's (None: the config's default).
+    """
     model = copy.deepcopy(base)
     if method == "base":
         return model
+    torch.manual_seed(seed)
     if method in HEAD_MODES:
-        torch.manual_seed(0)
-        return get_peft_model(model, BackAttnConfig(r=r, **HEAD_MODES[method]))
+        spread = {} if init_std is None else {"init_std": init_std}
+        return get_peft_model(model, BackAttnConfig(r=r, **HEAD_MODES[method], **spread))
     if method.startswith("lora"):
         rank = int(method.split("r=")[1])
         targets = LORA_TARGETS[model.config.model_type]

@@ -1,0 +1,173 @@
+"""Quality per minute, tuned and compared fairly: the default head against PEFT LoRA (issue 10, items 2 and 4).
+
+    python bench_tuned.py sweep                      # learning rate (and the head's init_std) per method
+    python bench_tuned.py compare --minutes 4 --seeds 0 1 2
+
+`sweep` trains each grid point for a fixed number of steps (about what 4 quiet minutes buy each method, so that a
+loaded machine changes the time, not the result) on GSM8K train without its last 300 problems, and scores the
+perplexity of those 300 held-out training problems' first --validation (a validation split: the test set is never
+used to choose). `compare` takes each method's best point from the sweep (or --head-lr/--lora-lr), trains it for
+the same wall-clock minutes per seed, one run after another, and scores GSM8K test perplexity (first --ppl
+problems), greedy exact match with its Wilson 95 % interval and the share of answers in a `#### N` line (first
+--gen problems, batched generation), and MATH-500 solution perplexity (first --math500) as a transfer check.
+Results go to benchmarks/results/{sweep,tuned}.json after every run; a stopped run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import tempfile
+import time
+
+import torch
+from common import RESULTS, SHARED_DATA, attach, load_base, save_result, trainable_parameters
+from transformers import set_seed
+
+from peft_backattn.workbench.base_models import EMBEDDED_DEFAULT, load_base_model
+from peft_backattn.workbench.data import load_examples
+from peft_backattn.workbench.evaluation import evaluate, target_nll
+from peft_backattn.workbench.metrics import perplexity, wilson_interval
+from peft_backattn.workbench.training import TrainingOptions, train_head
+
+VALIDATION_PROBLEMS = 300  # the last problems of GSM8K train: held out from training, used only to choose
+HEAD, LORA = "head (default config)", "lora r=8 q,k,v,o"
+ATTACH = {HEAD: "backattn softmax residual", LORA: "lora r=8"}
+# Steps per sweep run: about what 4 minutes buy each method on 2 quiet cores with trained-positions-only training.
+SWEEP_STEPS = {HEAD: 60, LORA: 30}
+SWEEP_GRID = {
+    HEAD: [(lr, std) for std in (0.02, 0.1) for lr in (1e-3, 3e-3, 1e-2)],  # (learning rate, init_std)
+    LORA: [(lr, None) for lr in (3e-4, 1e-3, 3e-3)],
+}
+
+
+def train(method: str, lr: float, init_std: float | None, seed: int, examples, tokenizer, steps: int,
+          seconds: float | None):  # fmt: skip
+    """A fresh base with `method` attached (its random init from `seed`), trained by `train_head` as users do."""
+    set_seed(seed)
+    model = attach(load_base("smollm2"), ATTACH[method], seed=seed, init_std=init_std)
+    with tempfile.TemporaryDirectory() as work:
+        options = TrainingOptions(
+            output_dir=work, max_steps=steps, batch_size=8, learning_rate=lr, max_length=256, seed=seed,
+            logging_steps=1, save_steps=100_000, time_budget_seconds=seconds, progress_bar=False, save_final=False,
+        )  # fmt: skip
+        report = train_head(model, tokenizer, examples, options)
+    return model.eval(), report
+
+
+def sweep(args, tokenizer, train_examples, validation) -> None:
+    path = RESULTS / "sweep.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["settings"] = vars(args) | {"steps": SWEEP_STEPS, "base": EMBEDDED_DEFAULT}
+    runs = results.setdefault("runs", [])
+    for method in args.methods:
+        for lr, init_std in SWEEP_GRID[method]:
+            if any(r["method"] == method and r["lr"] == lr and r["init_std"] == init_std for r in runs):
+                continue
+            print(f"== sweep {method}, lr {lr:g}, init_std {init_std}", file=sys.stderr, flush=True)
+            model, report = train(method, lr, init_std, 0, train_examples, tokenizer, SWEEP_STEPS[method], None)
+            nll, tokens, _ = target_nll(model, tokenizer, validation, max_length=512, batch_size=8, progress=False)
+            runs.append({
+                "method": method, "lr": lr, "init_std": init_std, "steps": report.steps,
+                "train_seconds": report.seconds, "losses": report.losses,
+                "validation_perplexity": perplexity(nll, tokens), "validation_tokens": tokens,
+            })  # fmt: skip
+            save_result("sweep", results)
+            del model
+            gc.collect()
+
+
+def best_point(method: str) -> tuple[float, float | None]:
+    runs = [r for r in json.loads((RESULTS / "sweep.json").read_text())["runs"] if r["method"] == method]
+    if not runs:
+        sys.exit(f"no sweep runs for {method!r} in benchmarks/results/sweep.json: run `bench_tuned.py sweep` first")
+    best = min(runs, key=lambda r: r["validation_perplexity"])
+    return best["lr"], best["init_std"]
+
+
+def scores(model, tokenizer, data: dict, args) -> dict:
+    result = evaluate(
+        model, tokenizer, data["test"], max_new_tokens=args.max_new_tokens, batch_size=args.batch_eval,
+        max_length=512, generation_limit=args.gen, progress=False,
+    )  # fmt: skip
+    solved = round(result.exact_match * result.n)
+    nll, tokens, _ = target_nll(model, tokenizer, data["math500"], max_length=768, batch_size=4, progress=False)
+    return {
+        **result.to_dict(), "solved": solved, "exact_match_interval": wilson_interval(solved, result.n),
+        "math500_perplexity": perplexity(nll, tokens), "math500_tokens": tokens,
+    }  # fmt: skip
+
+
+def compare(args, tokenizer, train_examples, data) -> None:
+    path = RESULTS / f"{args.output}.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    chosen = {HEAD: (args.head_lr, args.head_init_std), LORA: (args.lora_lr, None)}
+    for method, (lr, _) in chosen.items():
+        if lr is None:
+            chosen[method] = best_point(method)
+    results["settings"] = vars(args) | {"base": EMBEDDED_DEFAULT, "chosen": {m: list(p) for m, p in chosen.items()}}
+    runs = results.setdefault("runs", [])
+    if not any(run["method"] == "base" for run in runs):
+        start = time.monotonic()
+        runs.append({"method": "base", "seed": None, **scores(load_base("smollm2"), tokenizer, data, args),
+                     "eval_seconds": time.monotonic() - start})  # fmt: skip
+        save_result(args.output, results)
+    for minutes in args.minutes:
+        for seed in args.seeds:
+            for method in args.methods:
+                if any(r["method"] == method and r["seed"] == seed and r["minutes"] == minutes for r in runs):
+                    continue
+                lr, init_std = chosen[method]
+                print(f"== {method}, {minutes:g} min, seed {seed}, lr {lr:g}", file=sys.stderr, flush=True)
+                model, report = train(method, lr, init_std, seed, train_examples, tokenizer, 100_000, 60 * minutes)
+                start = time.monotonic()
+                runs.append({
+                    "method": method, "seed": seed, "minutes": minutes, "lr": lr, "init_std": init_std,
+                    "trainable": trainable_parameters(model), "steps": report.steps,
+                    "train_seconds": report.seconds, "losses": report.losses,
+                    **scores(model, tokenizer, data, args), "eval_seconds": time.monotonic() - start,
+                })  # fmt: skip
+                save_result(args.output, results)
+                del model
+                gc.collect()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("mode", choices=["sweep", "compare"])
+    parser.add_argument("--methods", nargs="+", default=[HEAD, LORA], choices=[HEAD, LORA])
+    parser.add_argument("--validation", type=int, default=150, help="held-out training problems scored in sweep")
+    parser.add_argument("--minutes", type=float, nargs="+", default=[4.0], help="wall-clock budgets (compare)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds: init and data order")
+    parser.add_argument("--head-lr", type=float, help="the head's learning rate (default: the sweep's best)")
+    parser.add_argument("--head-init-std", type=float, default=0.02, help="with --head-lr: the head's init_std")
+    parser.add_argument("--lora-lr", type=float, help="LoRA's learning rate (default: the sweep's best)")
+    parser.add_argument("--ppl", type=int, default=200, help="GSM8K test problems for perplexity")
+    parser.add_argument("--gen", type=int, default=200, help="GSM8K test problems answered greedily")
+    parser.add_argument("--math500", type=int, default=100, help="MATH-500 problems for solution perplexity")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="generation length")
+    parser.add_argument("--batch-eval", type=int, default=20, help="evaluation (and generation) batch size")
+    parser.add_argument("--output", default="tuned", help="results file name in benchmarks/results (compare)")
+    args = parser.parse_args()
+    if not SHARED_DATA.is_dir():
+        sys.exit(f"the shared math data ({SHARED_DATA}) is absent")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+    every_train = load_examples(str(SHARED_DATA / "gsm8k" / "train.jsonl"), fields="gsm8k")
+    train_examples, held_out = every_train[:-VALIDATION_PROBLEMS], every_train[-VALIDATION_PROBLEMS:]
+    _, tokenizer = load_base_model(EMBEDDED_DEFAULT)
+    if args.mode == "sweep":
+        sweep(args, tokenizer, train_examples, held_out[: args.validation])
+        return
+    test_problems = max(args.ppl, args.gen)
+    data = {
+        "test": load_examples(str(SHARED_DATA / "gsm8k" / "test.jsonl"), fields="gsm8k", limit=test_problems),
+        "math500": load_examples(str(SHARED_DATA / "math500" / "test.jsonl"), fields="math500", limit=args.math500),
+    }
+    compare(args, tokenizer, train_examples, data)
+
+
+if __name__ == "__main__":
+    main()
