@@ -15,6 +15,8 @@ from pathlib import Path
 
 from common import RESULTS, markdown_table
 
+from peft_backattn.workbench.metrics import wilson_interval
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 IMAGES = DOCS / "img"
 
@@ -212,6 +214,57 @@ def plots(speed: dict | None, memory: dict | None, quality: dict | None) -> None
         plt.close(figure)
 
 
+def sweep_table(result: dict) -> str:
+    """Each grid point of `bench_tuned.py sweep`, best of each method in bold."""
+    best = {}
+    for run in result["runs"]:
+        if run["method"] not in best or run["validation_perplexity"] < best[run["method"]]["validation_perplexity"]:
+            best[run["method"]] = run
+    rows = []
+    for run in result["runs"]:
+        mark = "**" if best[run["method"]] is run else ""
+        losses = f"{run['losses'][0]:.3f} -> {_tail(run['losses']):.3f}"
+        rows.append([run["method"], f"{run['lr']:g}", run["init_std"] if run["init_std"] is not None else "-",
+                     run["steps"], f"{run['train_seconds']:.0f}", losses,
+                     f"{mark}{run['validation_perplexity']:.3f}{mark}"])  # fmt: skip
+    header = ["method", "learning rate", "init_std", "steps", "train s", "loss (first -> mean of last 10)",
+              f"validation perplexity ({result['settings']['validation']} held-out train problems)"]  # fmt: skip
+    return "`python bench_tuned.py sweep`\n\n" + markdown_table(header, rows)
+
+
+def _tail(losses: list[float], last: int = 10) -> float:
+    return statistics.mean(losses[-last:])
+
+
+def tuned_table(result: dict) -> str:
+    """`bench_tuned.py compare`: mean (min-max) over seeds per method and budget; exact match as solved/n with the
+    Wilson interval of the pooled count."""
+    settings = result["settings"]
+    groups: dict[tuple, list[dict]] = {}
+    for run in result["runs"]:
+        groups.setdefault((run["method"], run.get("minutes")), []).append(run)
+    rows = []
+    for (method, minutes), runs in groups.items():
+        trained = minutes is not None
+        solved, scored = sum(r["solved"] for r in runs), sum(r["n"] for r in runs)
+        low, high = wilson_interval(solved, scored)
+        rows.append([
+            method, f"{minutes:g}" if trained else "-", len(runs) if trained else "-",
+            f"{runs[0]['lr']:g}" if trained else "-", _spread([r["steps"] for r in runs]) if trained else "-",
+            _spread([r["perplexity"] for r in runs]),
+            f"{solved}/{scored} = {solved / scored:.3f} [{low:.3f}, {high:.3f}]",
+            _spread([r["answer_lines"] for r in runs]), _spread([r["math500_perplexity"] for r in runs]),
+        ])  # fmt: skip
+    header = ["method", "minutes", "seeds", "lr", "steps", f"GSM8K test perplexity ({settings['ppl']} problems)",
+              "exact match, all seeds pooled [Wilson 95 %]", "answers in a `#### N` line",
+              f"MATH-500 perplexity ({settings['math500']})"]  # fmt: skip
+    command = (
+        f"python bench_tuned.py compare --minutes {' '.join(f'{m:g}' for m in settings['minutes'])} "
+        f"--seeds {' '.join(map(str, settings['seeds']))} --gen {settings['gen']} --ppl {settings['ppl']}"
+    )
+    return f"Mean (min-max) over seeds; `{command}`\n\n" + markdown_table(header, rows)
+
+
 def base_forward_seconds(speed: dict) -> float:
     """The frozen base's median no-grad forward: the unit every training-step ratio is measured in."""
     return next(r["median_s"] for r in speed["training"]["rows"] if r["method"] == "frozen base, no-grad forward")
@@ -239,6 +292,12 @@ def main() -> None:
     if quality:
         blocks["quality"] = quality_table(quality)
         blocks["sampling"] = sampling_table(quality)
+    sweep = load("sweep")
+    if sweep:
+        blocks["sweep"] = sweep_table(sweep)
+    tuned = load("tuned")
+    if tuned:
+        blocks["tuned"] = tuned_table(tuned)
     plots(load("speed-smollm2"), load("memory-smollm2"), quality)
 
     path = DOCS / "results.md"
