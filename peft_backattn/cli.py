@@ -1,4 +1,5 @@
-"""The `peft-backattn` command line: train, eval, generate and demo, each a thin layer over the Python API.
+"""The `peft-backattn` command line: train, eval, generate, demo and serve, each a thin layer over the Python API,
+and lm-eval (lm-evaluation-harness's own command line, with the method registered).
 
 Errors the user can fix (a wrong path, an unknown model, a dataset without the needed fields, a head from another
 base, an option out of range, a damaged file) print one line, `peft-backattn: error: ...`, and exit with status 2,
@@ -33,11 +34,13 @@ from transformers import set_seed
 from transformers.trainer_callback import TrainerState
 
 from . import __version__
+from . import lm_eval as harness
 from .config import BackAttnConfig
 from .layer import BASE_ADAPTER_NAME
+from .model_card import record_card_details
 from .serve import SERVE_EXAMPLES, SERVE_HELP, add_serve_options, run_serve_command
 from .workbench.base_models import EMBEDDED_DEFAULT, check_positions, load_base_config, load_base_model
-from .workbench.data import load_problems
+from .workbench.data import describe_source, load_problems, stream_examples
 from .workbench.demo import EVAL_MINUTES, TRAIN_MINUTES, run_demo
 from .workbench.evaluation import (
     BASE_NAME,
@@ -51,13 +54,14 @@ from .workbench.evaluation import (
     write_json,
 )
 from .workbench.plots import missing_plots_message, plot_loss_curve, plots_available
-from .workbench.training import TrainingOptions, attach_head, train_head
+from .workbench.training import TrainingOptions, attach_head, check_streaming, train_head
 
 # (message pattern, category) of warnings that dependencies raise about their own code, filtered by the command line.
 QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # transformers calls its own deprecated property when PEFT wraps a model
     ("`is_gradient_checkpointing` is deprecated", FutureWarning),
 )
+
 
 EXAMPLES = {
     "train": """examples:
@@ -76,6 +80,10 @@ EXAMPLES = {
   peft-backattn demo
   peft-backattn demo --output-dir runs/demo --train-minutes 3""",
     "serve": SERVE_EXAMPLES,
+    "lm-eval": """examples:
+  peft-backattn lm-eval --model hf --model_args pretrained=BASE,peft=HEAD --tasks gsm8k_local \\
+      --metadata gsm8k_dir=../shared/data/gsm8k --limit 200 --output_path results/
+  peft-backattn lm-eval --help     (lm-eval's own help: every argument after lm-eval is lm-eval's)""",
 }
 
 
@@ -232,6 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
     train = command("train", "Fine-tune a head on math problems with the HF Trainer; saves only the head.")
     model_options(train)
     data_options(train, split="train", seed=False)  # --seed comes with the training options
+    train.add_argument(
+        "--streaming", action="store_true",
+        help="read a local file or hub dataset lazily as training consumes it (needs --steps)",
+    )  # fmt: skip
     add_dataclass_options(
         train.add_argument_group("training (TrainingOptions fields, see docs/api.md)"), TrainingOptions
     )
@@ -278,12 +290,18 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     demo.add_argument("--seed", type=seed_int, default=0, help="seed of data, head init and shuffling")
     add_serve_options(command("serve", SERVE_HELP))
+    command(
+        "lm-eval", "Score heads with lm-evaluation-harness: its own arguments, with the backattn method registered."
+    )
     for sub in (evaluate, generate, demo):
         sub.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm-eval"]:  # every argument after it is lm-eval's, --help included
+        return harness.main(argv[1:])
     quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
@@ -378,10 +396,14 @@ def _train(args: argparse.Namespace) -> int:
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file; pass a folder for the head and its checkpoints.")
     check_positions(load_base_config(args.model), options.max_length, "--max-length (max_length)")
-    examples = _load_data(args, seed=options.seed)
+    if args.streaming:
+        check_streaming(options)
+    source = {"fields": args.fields, "split": args.split, "limit": args.limit, "subset": args.subset}
+    examples = stream_examples(args.data, **source) if args.streaming else _load_data(args, seed=options.seed)
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
     set_seed(options.seed)  # the head's initial weights
     model = attach_head(base, config)
+    record_card_details(model, training_data=describe_source(args.data, streaming=args.streaming, **source))
     report = train_head(model, tokenizer, examples, options)
     if _is_main_process():
         print(

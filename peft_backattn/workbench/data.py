@@ -7,6 +7,7 @@ teacher-forcing features whose labels mask the prompt, and `PaddingCollator` pad
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import logging
@@ -20,7 +21,7 @@ from typing import Any
 import pyarrow
 import pyarrow.parquet
 import torch
-from datasets import Dataset, IterableDataset, load_dataset
+from datasets import Dataset, Features, IterableDataset, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
 from .problems import SCHEMAS, FieldMapping, MathExample, parse_field_mapping
@@ -246,6 +247,49 @@ def load_examples(
     return examples
 
 
+EXAMPLE_FEATURES = Features({name: Value("string") for name in ("problem", "solution", "answer")})
+
+
+def stream_examples(
+    source: str,
+    *,
+    fields: FieldMapping | str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    subset: str | None = None,
+) -> IterableDataset:
+    """`load_examples` without reading the data: a streamed data set of MathExample rows (problem, solution, answer).
+
+    A hub dataset streams from the hub, a local file is read lazily as the rows are consumed. Only the first row is
+    read here (to learn the columns of a source that does not declare them); `limit` keeps the first N rows.
+    """
+    if source == SYNTHETIC_SOURCE:
+        raise ValueError("--streaming reads a local file or a hub dataset; the synthetic generator is not streamed")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a positive number of examples or None, got {limit!r}")
+    dataset = _open_rows(source, split, True, subset)
+    columns = dataset.column_names
+    if columns is None:  # a streamed dataset may learn its columns only from its first row
+        columns = list(next(iter(dataset), None) or [])
+    mapping = _resolve_fields(fields, columns)
+    missing = [name for name in (mapping.problem, mapping.solution, mapping.answer) if name and name not in columns]
+    if missing:
+        raise ValueError(
+            f"{source} lacks the field(s) {', '.join(missing)} (its columns: {', '.join(columns) or 'none'}); "
+            f"pass a field mapping that names its columns ('{_FIELDS_HINT}')"
+        )
+    if limit is not None:
+        dataset = dataset.take(limit)
+
+    def convert(row: Mapping[str, Any], index: int) -> dict[str, str]:
+        try:
+            return dataclasses.asdict(to_example(row, mapping))
+        except ValueError as error:
+            raise ValueError(f"{source}, row {index}: {error}") from None
+
+    return dataset.map(convert, with_indices=True, remove_columns=columns, features=EXAMPLE_FEATURES)
+
+
 SYNTHETIC_SOURCE = (
     "synthetic"  # the embedded generator of arithmetic word problems (peft_backattn.workbench.synthetic)
 )
@@ -269,6 +313,27 @@ def load_problems(
     if source == SYNTHETIC_SOURCE:
         return generate_examples(limit or 1000, split=split, seed=seed)
     return load_examples(source, fields=fields, split=split, limit=limit, subset=subset)
+
+
+def describe_source(
+    source: str,
+    *,
+    fields: FieldMapping | str | None = None,
+    split: str = "train",
+    limit: int | None = None,
+    subset: str | None = None,
+    streaming: bool = False,
+) -> str:
+    """The training data in one line, as a head's model card names it (the arguments of `load_problems`)."""
+    if source == SYNTHETIC_SOURCE:
+        return f"`synthetic`: {limit or 1000} generated arithmetic word problems (split {split})"
+    where = f"`{source}`"
+    if subset:
+        where += f" (configuration {subset}, split {split})"
+    elif not os.path.exists(os.path.expanduser(source)):  # a hub dataset: the split applies
+        where += f" (split {split})"
+    rows = f"the first {limit} rows" if limit else "all rows"
+    return f"{where}, {rows}{', streamed' if streaming else ''}; fields: {fields or 'detected'}"
 
 
 def pad_token_id(tokenizer) -> int:
@@ -320,33 +385,67 @@ def tokenize_examples(examples: Sequence[MathExample], tokenizer, max_length: in
     """
     if not isinstance(max_length, int) or max_length < 1:
         raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
-    eos = tokenizer.eos_token_id
-    if eos is None:
+    if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token so that targets end where to stop")
+    report = TruncationReport(max_length=max_length)
+    columns = _encode(
+        [example.problem for example in examples], [example.solution for example in examples], tokenizer, report
+    )
+    if report.total and report.dropped == report.total:
+        raise ValueError(f"all {report.total} prompts fill max_length={max_length} tokens; raise max_length")
+    return Dataset.from_dict(columns), report
+
+
+def _encode(
+    problems: Sequence[str], solutions: Sequence[str], tokenizer, report: TruncationReport
+) -> dict[str, list[list[int]]]:
+    """The features of a batch of examples (dropped ones left out), counted into `report` as they are encoded."""
+    max_length = report.max_length
     chat = bool(getattr(tokenizer, "chat_template", None))
-    report = TruncationReport(total=len(examples), max_length=max_length)
     columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "attention_mask": []}
-    if not examples:
-        return Dataset.from_dict(columns), report
-    prompts = [format_prompt(example.problem, tokenizer) for example in examples]
+    report.total += len(problems)
+    if not problems:
+        return columns
+    prompts = [format_prompt(problem, tokenizer) for problem in problems]
     # Without a chat template the target follows 'Answer:' after a space, as it would in running text.
-    targets = [example.solution if chat else " " + example.solution for example in examples]
+    targets = [solution if chat else " " + solution for solution in solutions]
     prompt_ids = tokenizer(prompts, add_special_tokens=prompt_adds_special_tokens(tokenizer))["input_ids"]
     target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"]
     for prompt, target in zip(prompt_ids, target_ids, strict=True):
         if len(prompt) >= max_length:
             report.dropped += 1
             continue
-        target = [*target, eos]
+        target = [*target, tokenizer.eos_token_id]
         if len(prompt) + len(target) > max_length:
             report.truncated += 1
             target = target[: max_length - len(prompt)]
         columns["input_ids"].append(prompt + target)
         columns["labels"].append([IGNORE_INDEX] * len(prompt) + target)
         columns["attention_mask"].append([1] * (len(prompt) + len(target)))
-    if report.dropped == report.total:
-        raise ValueError(f"all {report.total} prompts fill max_length={max_length} tokens; raise max_length")
-    return Dataset.from_dict(columns), report
+    return columns
+
+
+def tokenize_stream(
+    examples: IterableDataset, tokenizer, max_length: int, batch_size: int = 64
+) -> tuple[IterableDataset, TruncationReport]:
+    """`tokenize_examples` for a streamed data set of rows with `problem` and `solution` (`stream_examples`).
+
+    Nothing is read here: rows are tokenised `batch_size` at a time as training consumes them (`IterableDataset.map`),
+    and the returned report counts the examples, truncations and drops as they stream by: what was read so far,
+    including a batch or two the data loader reads ahead (a second pass over the data counts again).
+    """
+    if not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token so that targets end where to stop")
+    report = TruncationReport(max_length=max_length)
+    columns = examples.column_names or ["problem", "solution", "answer"]
+
+    def encode(batch: dict[str, list]) -> dict[str, list[list[int]]]:
+        return _encode(batch["problem"], batch["solution"], tokenizer, report)
+
+    tokenized = examples.map(encode, batched=True, batch_size=batch_size, remove_columns=columns)
+    return tokenized, report
 
 
 @dataclass(frozen=True)

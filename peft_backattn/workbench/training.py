@@ -14,17 +14,21 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+from datasets import IterableDataset
 from peft import PeftModel, get_peft_model
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    Trainer,
     TrainerCallback,
     TrainingArguments,
 )
 from transformers.trainer_callback import PrinterCallback
 
 from ..config import BackAttnConfig
-from .data import PaddingCollator, TruncationReport, tokenize_examples
+from ..model_card import record_card_details
+from .data import PaddingCollator, TruncationReport, tokenize_examples, tokenize_stream
+from .distributed import gathered_head
 from .problems import MathExample
 from .saving import checkpoints_newest_first, clean_leftovers, newest_complete_checkpoint, remove_path, save_head
 from .scored_positions import ScoredPositionsTrainer
@@ -249,24 +253,35 @@ def attach_head(
 def train_head(
     model: PeftModel,
     tokenizer: PreTrainedTokenizerBase,
-    examples: Sequence[MathExample],
+    examples: Sequence[MathExample] | IterableDataset,
     options: TrainingOptions,
 ) -> TrainingReport:
     """Fine-tune the active head of `model` on `examples`; writes the head to `options.output_dir`.
 
+    `examples` is a list of MathExamples, or a streamed `datasets.IterableDataset` of rows with their fields
+    (`problem`, `solution`, `answer`; `data.stream_examples` makes one from a file or a hub dataset), which is
+    tokenised as it is read and needs `max_steps > 0`; its truncation is counted as it streams and printed at the end.
+
     Checkpoints (head weights, optimiser and scheduler state) go to `output_dir/checkpoint-<step>`; the final head
-    is written last, next to them, as `adapter_config.json` + `adapter_model.safetensors`, in one atomic step
-    (`save_head`). `options.resume` continues from the newest complete checkpoint. A NaN or infinite loss or head
-    weight stops training with a RuntimeError; a run that fails before it wrote anything removes the output folder
+    is written last, next to them, as `adapter_config.json` + `adapter_model.safetensors` + its model card
+    `README.md` (the run recorded with `record_card_details`), in one atomic step (`save_head`). `options.resume`
+    continues from the newest complete checkpoint. A NaN or infinite loss or head weight stops training with a
+    RuntimeError; a run that fails before it wrote anything removes the output folder
     it created.
     """
     output = Path(options.output_dir)
     if (output / "adapter_config.json").exists() and not (options.overwrite or options.resume):
         raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
+    streamed = isinstance(examples, IterableDataset)
+    if streamed:
+        check_streaming(options)
     arguments = options.training_arguments()
     main_process = arguments.process_index == 0
     checkpoint, skipped = _resume_checkpoint(output) if options.resume else (None, [])
-    dataset, truncation = tokenize_examples(examples, tokenizer, options.max_length)
+    if streamed:  # tokenised a batch at a time as the Trainer reads it; counted as it streams
+        dataset, truncation = tokenize_stream(examples, tokenizer, options.max_length, options.batch_size)
+    else:
+        dataset, truncation = tokenize_examples(examples, tokenizer, options.max_length)
     if main_process:  # nothing on disk changes before this point
         clean_leftovers(output)
         if checkpoint:
@@ -292,7 +307,7 @@ def train_head(
         if not options.progress_bar:
             trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
         if main_process:
-            print(f"Training data: {truncation}", flush=True)
+            print(f"Training data: {'streamed, counted as it is read' if streamed else truncation}", flush=True)
         start = time.monotonic()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except BaseException:
@@ -300,9 +315,13 @@ def train_head(
             _remove_if_empty(output, created)  # a run that failed before writing anything leaves no folder behind
         raise
     seconds = time.monotonic() - start
-    if options.save_final and main_process:
-        save_head(model, options.output_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    if streamed and main_process:
+        print(f"Training data: {truncation}", flush=True)
+    record_card_details(model, training=card_training_details(options, trainer, seconds, losses, truncation))
+    with gathered_head(model):  # DeepSpeed ZeRO-3: every process helps gather the head's weights for the save
+        if options.save_final and main_process:
+            save_head(model, options.output_dir)  # the model card (README.md) is written in the same version
     return TrainingReport(
         steps=trainer.state.global_step,
         seconds=seconds,
@@ -313,6 +332,36 @@ def train_head(
         processes=trainer.args.world_size,
         losses=losses,
     )
+
+
+def check_streaming(options: TrainingOptions) -> None:
+    """Refuse options that cannot train on a streamed data set: it has no length to count epochs with."""
+    if options.max_steps <= 0:
+        raise ValueError("A streamed data set has no length to make epochs of; give --steps (max_steps > 0).")
+
+
+def card_training_details(
+    options: TrainingOptions, trainer: Trainer, seconds: float, losses: list[float], truncation: TruncationReport
+) -> dict[str, object]:
+    """The training run as the head's model card shows it (see `peft_backattn.model_card`)."""
+    details: dict[str, object] = {
+        "trainer": "transformers Trainer (ScoredPositionsTrainer, in peft_backattn.workbench.training.train_head)",
+        "optimiser steps": trainer.state.global_step,
+        "processes": trainer.args.world_size,
+        "examples per step and process": options.batch_size,
+        "gradient accumulation steps": options.gradient_accumulation_steps,
+        "learning rate (AdamW)": options.learning_rate,
+        "warm-up ratio": options.warmup_ratio,
+        "weight decay": options.weight_decay,
+        "max length (tokens)": options.max_length,
+        "seed": options.seed,
+        "training time (s)": round(seconds, 1),
+        "examples read": truncation.total,
+        "examples truncated / dropped": f"{truncation.truncated} / {truncation.dropped}",
+    }
+    if losses:
+        details["training loss, first and last logged"] = f"{losses[0]:.4f} -> {losses[-1]:.4f}"
+    return details
 
 
 def _resume_checkpoint(output: Path) -> tuple[Path, list[tuple[Path, str]]]:
