@@ -16,7 +16,8 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any
 
@@ -34,6 +35,7 @@ PEFT_TEMPLATE_MARK = "# Model Card for Model ID"  # the title of PEFT's blank te
 TAGS = ("backattn", "peft", "peft-backattn")
 _DETAILS = "_backattn_card_details"  # per-head facts, in the PeftModel's __dict__
 _SAVING = "_backattn_saving_adapters"  # the heads of the save_pretrained call in progress
+_AT_TOP = "_backattn_card_heads_at_top"  # set while a caller moves a named head to the folder's top (`save_head`)
 _MARK = "_backattn_card"
 _INHERITED = {f.name for f in fields(PeftConfig)}
 
@@ -65,6 +67,17 @@ def record_card_details(
 def card_details(model: PeftModel, adapter_name: str) -> dict[str, Any]:
     """What `record_card_details` holds for a head (empty tables when nothing was recorded)."""
     return model.__dict__.get(_DETAILS, {}).get(adapter_name, {"training": {}, "metrics": {}})
+
+
+@contextmanager
+def heads_at_top(model: PeftModel) -> Iterator[None]:
+    """Inside, the card tells to load a named head from the folder's top, not from PEFT's `<folder>/<name>/`: for a
+    caller that moves the head's files up after `save_pretrained` (the workbench's `save_head` does)."""
+    model.__dict__[_AT_TOP] = True
+    try:
+        yield
+    finally:
+        model.__dict__.pop(_AT_TOP, None)
 
 
 def install() -> None:
@@ -188,7 +201,7 @@ def model_card_text(model: PeftModel, adapter_names: list[str]) -> str:
     example = adapter_names[0]
     subfolder = (
         []
-        if example == "default"
+        if example == "default" or model.__dict__.get(_AT_TOP)
         else [f'# PeftModel.save_pretrained puts head "{example}" in a sub-folder: add subfolder="{example}"']
     )
     lines += [

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from peft_backattn import BackAttnConfig
 from peft_backattn.model_card import CARD_MARK, record_card_details
 from peft_backattn.workbench.problems import MathExample
-from peft_backattn.workbench.training import TrainingOptions, save_head, train_head
+from peft_backattn.workbench.saving import save_head
+from peft_backattn.workbench.training import TrainingOptions, train_head
 
 
 def read_card(folder) -> tuple[dict, str]:
@@ -83,5 +84,7 @@ def test_train_head_records_its_run_and_save_head_keeps_the_card_of_a_named_head
     assert "# backattn head `math`" in body and "four sums" in body
     assert "| optimiser steps | 2 |" in body and "| examples per step and process | 4 |" in body
     assert re.search(r"\| training loss, first and last logged \| `\d+\.\d{4} -> \d+\.\d{4}` \|", body), body
+    assert not (tmp_path / "head" / "math").exists() and "subfolder=" not in body  # the head is at the top
+    assert (tmp_path / "head" / "README.md").resolve().parent == (tmp_path / "head" / ".head").resolve()
     save_head(model, tmp_path / "again", adapter_name="math")
-    assert (tmp_path / "again" / "README.md").is_file()
+    assert read_card(tmp_path / "again")[1] == body

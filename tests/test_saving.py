@@ -17,6 +17,7 @@ from test_training import token_dataset
 from transformers import Trainer, TrainingArguments
 
 from peft_backattn import BackAttnConfig
+from peft_backattn.model_card import CARD_MARK, record_card_details
 from peft_backattn.workbench import saving
 from peft_backattn.workbench.saving import (
     checkpoint_problem,
@@ -131,6 +132,25 @@ def test_save_head_writes_the_head_through_one_link(model, tmp_path):
     for key, value in model.state_dict().items():
         if ".backattn_heads.math." in key:
             assert torch.equal(loaded.state_dict()[key.replace(".math.", ".default.")], value)
+
+
+def test_the_model_card_is_written_inside_the_head_version_it_describes(model, tmp_path):
+    """The card is one of the head's files: written into the version folder that becomes the head in one rename,
+    so a reader never sees a card beside weights it does not describe. The folder holds exactly these entries."""
+    save_head(model, tmp_path / "head")
+    version = [".head-*/adapter_config.json", ".head-*/adapter_model.safetensors", ".head-*/README.md"]
+    links = {"adapter_config.json", "adapter_model.safetensors", "README.md"}
+    listing = files(tmp_path / "head")
+    assert set(listing) == {".head", ".head-*", *version, *links}
+    assert {name: listing[name] for name in links} == {name: f"-> .head/{name}" for name in links}
+    first = (tmp_path / "head" / "README.md").read_text()
+    assert CARD_MARK in first and "# backattn head `math`" in first
+    assert "subfolder=" not in first  # save_head puts a named head at the folder's top, and the card says so
+    record_card_details(model, metrics={"exact match": 0.5})
+    save_head(model, tmp_path / "head")
+    assert set(files(tmp_path / "head")) == {".head", ".head-*", *version, *links}  # the old version is gone
+    second = (tmp_path / "head" / "README.md").read_text()
+    assert "| exact match | 0.5 |" in second and "| exact match |" not in first
 
 
 def test_save_head_refuses_a_head_with_nan_and_writes_nothing(model, tmp_path):

@@ -31,9 +31,9 @@ from peft import PeftModel, get_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
 
 from .._files import WEIGHTS_NAME
+from ..model_card import CARD_NAME, heads_at_top
 
 CONFIG_NAME = "adapter_config.json"
-CARD_NAME = "README.md"
 # The head's files, in the order their links are placed: the config last, so that a folder never shows a config
 # beside weights that are not its own (a folder without adapter_config.json is no head at all).
 HEAD_FILES = (WEIGHTS_NAME, CARD_NAME, CONFIG_NAME)
@@ -88,9 +88,13 @@ def _check_finite(model: PeftModel, name: str, directory: Path) -> None:
 
 
 def _stage(model: PeftModel, name: str, directory: Path) -> Path:
-    """The new head, whole, in a folder of its own: `.saving-*` while written, `.head-<token>` once complete."""
+    """The new head, whole, in a folder of its own: `.saving-*` while written, `.head-<token>` once complete.
+
+    The head's model card (README.md, from `save_pretrained`) is written into that folder too, so it becomes
+    visible with the head's weights and config, in the same step."""
     staging = directory / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
-    model.save_pretrained(staging, selected_adapters=[name])
+    with heads_at_top(model):  # the model card (README.md) says to load the head from the folder's top
+        model.save_pretrained(staging, selected_adapters=[name])
     if name != "default":  # PEFT's sub-folder for a named head; its model card is at the top
         for item in (staging / name).iterdir():
             os.replace(item, staging / item.name)
