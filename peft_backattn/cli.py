@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import errno
 import io
+import logging
 import math
 import os
 import pickle
@@ -61,7 +62,12 @@ QUIET_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     # transformers calls its own deprecated property when PEFT wraps a model
     ("`is_gradient_checkpointing` is deprecated", FutureWarning),
 )
-
+# (logger, message prefix) of log records that dependencies write about their own set-up, filtered likewise.
+QUIET_RECORDS: tuple[tuple[str, str], ...] = (
+    # When DeepSpeed is installed, accelerate imports it inside the Trainer (to unwrap a DeepSpeed engine), and
+    # DeepSpeed's logger (its own handler, on stdout) tells on a machine without GPUs which accelerator it picked.
+    ("DeepSpeed", "Setting accelerator to CPU"),
+)
 
 EXAMPLES = {
     "train": """examples:
@@ -301,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["lm-eval"]:  # every argument after it is lm-eval's, --help included
+        quiet_notices()  # lm-eval's own logging and progress bars stay as they are
         return harness.main(argv[1:])
     quiet_dependencies()
     args = build_parser().parse_args(argv)
@@ -381,12 +388,34 @@ def _flat(text: str) -> str:
 def quiet_dependencies() -> None:
     """Keep what dependencies print about their own internals off the user's stderr, so that stderr holds only
     what the user caused. Each filter names one logger or one message; nothing else is hidden."""
-    for pattern, category in QUIET_WARNINGS:
-        warnings.filterwarnings("ignore", message=pattern, category=category)
+    quiet_notices()
     # The bars transformers and datasets draw while loading weights or preparing a split: the command line says
     # itself what it loads. The Trainer's progress bar is not theirs and stays.
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+
+
+class _DropRecord(logging.Filter):
+    """Drops the records of one logger whose message starts with one prefix; lets every other record pass."""
+
+    def __init__(self, prefix: str) -> None:
+        super().__init__()
+        self.prefix = prefix
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefix)
+
+
+_RECORD_FILTERS = {name: _DropRecord(prefix) for name, prefix in QUIET_RECORDS}
+
+
+def quiet_notices() -> None:
+    """Filter the QUIET_WARNINGS and QUIET_RECORDS (a logger need not exist yet: a library that creates it later
+    with `logging.getLogger(name)` gets the same logger, filter included)."""
+    for pattern, category in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=category)
+    for name, record_filter in _RECORD_FILTERS.items():
+        logging.getLogger(name).addFilter(record_filter)  # adding the same filter twice keeps one
 
 
 def _train(args: argparse.Namespace) -> int:

@@ -124,7 +124,8 @@ def run_python(code: str) -> subprocess.CompletedProcess:
 def test_import_peft_backattn_loads_the_method_only_and_prints_nothing():
     result = run_python(
         "import sys, peft_backattn\n"
-        "heavy = ('datasets', 'gguf', 'peft_backattn.workbench', 'peft_backattn.cli', 'matplotlib')\n"
+        "heavy = ('datasets', 'gguf', 'peft_backattn.workbench', 'peft_backattn.cli', 'peft_backattn.lm_eval',\n"
+        "         'matplotlib', 'lm_eval', 'trl', 'deepspeed', 'fastapi', 'uvicorn')\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy or m.startswith(heavy)))"
     )
     assert result.returncode == 0, result.stderr
@@ -180,6 +181,8 @@ def test_train_and_eval_print_nothing_on_stderr(tmp_path, tiny_lm_dir):
     )
     assert trained.returncode == 0, trained.stderr
     assert trained.stderr == ""
+    # DeepSpeed (when installed) is imported by accelerate inside the Trainer and logs its accelerator on stdout
+    assert "Setting accelerator to CPU" not in trained.stdout, trained.stdout
     assert (head / "adapter_model.safetensors").is_file()
     evaluated = peft_backattn(
         "eval", *common, "--heads", str(head), "--generation-limit", "1", "--max-new-tokens", "4"

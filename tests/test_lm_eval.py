@@ -193,6 +193,14 @@ def test_gsm8k_local_is_lm_evals_gsm8k_reading_local_files(tmp_path):
     assert docs[0]["question"] == rows[0]["question"] and len(list(task.fewshot_docs())) == 8
 
 
+@needs_lm_eval
+def test_help_is_lm_evals_own_and_writes_nothing_on_stderr():
+    command = [sys.executable, "-m", "peft_backattn.cli", "lm-eval", "--help"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: lm-eval") and result.stderr == ""
+
+
 def test_without_lm_eval_the_command_says_how_to_get_it(monkeypatch, capsys):
     monkeypatch.setattr(harness, "cli_evaluate", None)
     assert main(["lm-eval", "--model", "hf"]) == 2
