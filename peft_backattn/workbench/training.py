@@ -26,7 +26,15 @@ from transformers.trainer_callback import PrinterCallback
 from ..config import BackAttnConfig
 from .data import PaddingCollator, TruncationReport, tokenize_examples
 from .problems import MathExample
-from .saving import checkpoints_newest_first, clean_leftovers, newest_complete_checkpoint, remove_path, save_head
+from .saving import (
+    checkpoints_newest_first,
+    clean_leftovers,
+    first_missing_folder,
+    newest_complete_checkpoint,
+    remove_empty_folders,
+    remove_path,
+    save_head,
+)
 from .scored_positions import ScoredPositionsTrainer
 
 
@@ -280,7 +288,7 @@ def train_head(
         callbacks.append(_TimeBudget(options.time_budget_seconds))
     if not options.progress_bar:
         callbacks.append(_LossPrinter())
-    created = _first_missing(output)  # the folder (or its first missing parent) this run creates, if any
+    created = first_missing_folder(output)  # the folder (or its first missing parent) this run creates, if any
     try:
         trainer = ScoredPositionsTrainer(
             model=model,
@@ -297,7 +305,7 @@ def train_head(
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except BaseException:
         if created is not None and main_process:
-            _remove_if_empty(output, created)  # a run that failed before writing anything leaves no folder behind
+            remove_empty_folders(output, created)  # a run that failed before writing anything leaves no folder behind
         raise
     seconds = time.monotonic() - start
     if options.save_final and main_process:
@@ -331,24 +339,3 @@ def _resume_checkpoint(output: Path) -> tuple[Path, list[tuple[Path, str]]]:
 
 def _reasons(skipped: list[tuple[Path, str]]) -> str:
     return "; ".join(f"{folder.name} is incomplete: {problem}" for folder, problem in skipped)
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of `path` (itself or a parent) that does not exist yet; None if `path` exists."""
-    missing = None
-    for folder in (path, *path.parents):
-        if folder.exists():
-            break
-        missing = folder
-    return missing
-
-
-def _remove_if_empty(path: Path, up_to: Path) -> None:
-    """Remove `path` and its parents up to `up_to` as long as they are empty folders (never anything with files)."""
-    for folder in (path, *path.parents):
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-        if folder == up_to:
-            return
