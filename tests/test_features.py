@@ -312,3 +312,25 @@ def test_the_feature_pass_counts_toward_the_time_budget(tmp_path):
     report = train_head(model, tokenizer, generate_examples(8), options(tmp_path, epochs=50, time_budget_seconds=1e-3))
     assert report.steps == 1  # the budget was spent before training began: the first step ends the run
     assert os.path.isfile(tmp_path / "head" / "adapter_model.safetensors")
+
+
+def test_a_bf16_base_is_stored_widened_and_read_back_exactly(tmp_path):
+    """Arrow has no bf16: the rows are stored as float32 (exact) and collated back to bf16, bit for bit."""
+    model, tokenizer = head_model()
+    model.to(torch.bfloat16)
+    dataset = tokenized(tokenizer, count=4)
+    cached = cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH, batch_size=4)
+    contents = cached.fingerprint["contents"]
+    assert (contents["hidden_dtype"], contents["stored_dtype"]) == ("bfloat16", "float32")
+    assert contents["weighted"]["stored_dtype"] == "float32"
+
+    layer, name = head_layer(model)
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    batch = PaddingCollator.from_tokenizer(tokenizer)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    rows = cached.collator(layer.backattn_heads[name].config)([cached.rows[i] for i in range(cached.positions)])
+    assert rows["hidden"].dtype == torch.bfloat16
+    assert torch.equal(rows["hidden"], seen[0][trained_positions(batch["labels"])])

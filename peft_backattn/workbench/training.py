@@ -356,6 +356,7 @@ def train_head(
                 callbacks=callbacks,
             )
         else:
+            _place_like_the_trainer(model, arguments)  # the pass runs before the Trainer would move the model
             features = cache_features(
                 model, tokenizer, dataset, options.feature_cache, max_length=options.max_length,
                 batch_size=options.batch_size, progress=options.progress_bar, fingerprint=fingerprint,
@@ -394,6 +395,14 @@ def train_head(
         feature_seconds=features.seconds if features is not None else None,
         positions_per_step=trainer.args.per_device_train_batch_size if features is not None else None,
     )
+
+
+def _place_like_the_trainer(model: PeftModel, arguments: TrainingArguments) -> None:
+    """Move the model to the training device as the Trainer would (not one spread over devices or quantised)."""
+    spread = getattr(model, "hf_device_map", None) is not None
+    quantised = getattr(model, "hf_quantizer", None) is not None or getattr(model, "quantization_method", None)
+    if not (spread or quantised):
+        model.to(arguments.device)
 
 
 def _check_same_kind_of_run(checkpoint: Path, trained_on: str | None, feature_cache: str | None) -> None:
