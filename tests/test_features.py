@@ -334,3 +334,12 @@ def test_a_bf16_base_is_stored_widened_and_read_back_exactly(tmp_path):
     rows = cached.collator(layer.backattn_heads[name].config)([cached.rows[i] for i in range(cached.positions)])
     assert rows["hidden"].dtype == torch.bfloat16
     assert torch.equal(rows["hidden"], seen[0][trained_positions(batch["labels"])])
+
+
+def test_a_damaged_cache_is_one_line(tmp_path):
+    model, tokenizer = head_model()
+    folder = tmp_path / "features"
+    cache_features(model, tokenizer, tokenized(tokenizer), folder, max_length=MAX_LENGTH)
+    (folder / FEATURES_FILE).write_bytes((folder / FEATURES_FILE).read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"features is damaged \(.*\); delete it or choose another folder\.$"):
+        cache_features(model, tokenizer, tokenized(tokenizer), folder, max_length=MAX_LENGTH)

@@ -363,13 +363,13 @@ def open_features(directory: str | os.PathLike) -> CachedFeatures:
     directory = Path(directory)
     try:
         fingerprint = json.loads((directory / FINGERPRINT_FILE).read_text())
+        contents = fingerprint["contents"]
+        columns = ["hidden", "target"] + (["weighted"] if contents["weighted"] is not None else [])
         rows = Dataset.from_file(str(directory / FEATURES_FILE))  # memory-mapped, not read into memory
-    except (OSError, ValueError, pyarrow.ArrowException) as error:
+    except (OSError, ValueError, KeyError, TypeError, pyarrow.ArrowException) as error:
         raise ValueError(
             f"--feature-cache {directory} is damaged ({type(error).__name__}); delete it or choose another folder."
         ) from None
-    contents = fingerprint["contents"]
-    columns = ["hidden", "target"] + (["weighted"] if contents["weighted"] is not None else [])
     if rows.column_names != columns or len(rows) != contents["positions"]:
         raise ValueError(
             f"--feature-cache {directory} is damaged ({len(rows)} rows of {rows.column_names}, expected "
