@@ -54,6 +54,7 @@ from .workbench.evaluation import (
     load_heads,
     write_json,
 )
+from .workbench.features import check_feature_folder
 from .workbench.plots import missing_plots_message, plot_loss_curve, plots_available
 from .workbench.training import TrainingOptions, attach_head, check_streaming, train_head
 
@@ -424,6 +425,8 @@ def _train(args: argparse.Namespace) -> int:
     output = Path(options.output_dir)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file; pass a folder for the head and its checkpoints.")
+    if options.feature_cache is not None:
+        check_feature_folder(options.feature_cache, output)
     check_positions(load_base_config(args.model), options.max_length, "--max-length (max_length)")
     if args.streaming:
         check_streaming(options)

@@ -226,13 +226,20 @@ class BackAttnHead(nn.Module):
         base_logits: torch.Tensor | None,
         frozen: FrozenTensors,
         base_output: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        weighted: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(n, d_in) hidden states -> (n, V) logits.
 
         A single residual head needs `base_logits` (n, V) and adds into them in place. Where they are not given,
         the base logits are formed chunk by chunk by `base_output` as needed (softmax weights, residual mixtures).
+        `weighted` (n, d_e) is `weighted_embedding`'s result for these rows, when the caller has it already (cached
+        features, softmax weighting): it depends on the frozen base alone, so it may be computed once.
         """
-        q = self.query(self.weighted_embedding(hidden, base_logits, frozen, base_output))  # (n, H, r)
+        if weighted is None:
+            weighted = self.weighted_embedding(hidden, base_logits, frozen, base_output)
+        elif self.config.logit_weighting != "softmax":
+            raise ValueError("Precomputed weighted embeddings are for logit_weighting='softmax' heads only.")
+        q = self.query(weighted.to(self.norm_scale.dtype))  # (n, H, r)
         q_emb = self.query_in_embedding_space(q)  # (n, H, d_e)
         if self.gate is None:
             return self.single_head_logits(q_emb[:, 0], base_logits, frozen)
@@ -476,12 +483,13 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
             )
         return self.head_forward(self.active_adapters[0], x)
 
-    def head_forward(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+    def head_forward(self, adapter_name: str, x: torch.Tensor, weighted: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of head `adapter_name` for hidden states x (..., d_in), with bounded extra memory.
 
         A single residual head adds its scores into the base logits of every position, which are the output
         buffer. Vocabulary-sized intermediates (softmax weights, a mixture's per-head scores and base logits) are
-        formed `chunk_size` positions at a time. The logits come back in the hidden states' dtype.
+        formed `chunk_size` positions at a time. The logits come back in the hidden states' dtype. `weighted`
+        (n, d_e), for a softmax head: the base's w N of these rows, precomputed (see `BackAttnHead.forward`).
         """
         head = self.backattn_heads[adapter_name]
         config = head.config
@@ -493,11 +501,11 @@ class BackAttnLayer(nn.Module, BaseTunerLayer):
         residual = config.combine == "residual"
         keep_base_logits = residual and (head.gate is None or config.logit_weighting == "softmax")
         base_logits = self.base_layer(rows) if keep_base_logits else None  # (n, V)
-        if config.is_linear and not needs_grad:
+        if config.is_linear and not needs_grad and weighted is None:
             logits = head.collapsed_forward(rows, base_logits, self._collapsed(adapter_name, frozen), frozen)
         else:
             # The base layer goes in as a function: accelerate's offload hook on the head moves module arguments.
-            logits = head(rows, base_logits, frozen, base_output=self.base_layer.__call__)
+            logits = head(rows, base_logits, frozen, base_output=self.base_layer.__call__, weighted=weighted)
         return logits.to(x.dtype).reshape(*x.shape[:-1], logits.shape[-1])
 
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:

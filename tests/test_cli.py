@@ -56,6 +56,29 @@ def test_train_resumes_from_its_last_checkpoint(tiny_lm_dir, trained, tmp_path, 
     assert (output / "checkpoint-6").is_dir()
 
 
+def test_train_on_cached_features_for_two_epochs(tiny_lm_dir, tmp_path, capsys):
+    cache = tmp_path / "features"
+    assert train(tiny_lm_dir, tmp_path / "head", "--feature-cache", cache, "--epochs", "2", "--lr", "0.01") == 0
+    out = capsys.readouterr().out
+    assert "trained positions of 24 examples" in out and "Training the head alone on" in out
+    assert "Trained 12 steps" in out  # 24 examples, 4 examples' worth of positions per step, two epochs
+    assert HEAD_FILES <= {p.name for p in (tmp_path / "head").iterdir()}
+    assert {p.name for p in cache.iterdir()} == {"features.arrow", "fingerprint.json"}
+
+    assert train(tiny_lm_dir, tmp_path / "second", "--feature-cache", cache, "--epochs", "1", "--r", "4") == 0
+    out = capsys.readouterr().out
+    assert f"Feature cache: reusing {cache}" in out and "Trained 6 steps" in out
+
+
+def test_a_file_as_feature_cache_is_one_line_before_anything_is_loaded(tmp_path, capsys):
+    a_file = tmp_path / "features"
+    a_file.write_text("")
+    assert run_cli("train", "--data", "synthetic", "--output", tmp_path / "head", "--feature-cache", a_file) == 2
+    err = capsys.readouterr().err
+    assert err == f"peft-backattn: error: --feature-cache {a_file} is a file; pass a folder for the cached features.\n"
+    assert not (tmp_path / "head").exists()
+
+
 def test_eval_writes_every_metric_for_base_and_head(tiny_lm_dir, trained, tmp_path, capsys):
     output = tmp_path / "results.json"
     code = run_cli(

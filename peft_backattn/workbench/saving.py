@@ -226,6 +226,27 @@ def remove_path(path: Path) -> None:
             path.unlink()
 
 
+def first_missing_folder(path: Path) -> Path | None:
+    """The outermost folder of `path` (itself or a parent) that does not exist yet; None if `path` exists."""
+    missing = None
+    for folder in (path, *path.parents):
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def remove_empty_folders(path: Path, up_to: Path) -> None:
+    """Remove `path` and its parents up to `up_to` as long as they are empty folders (never anything with files)."""
+    for folder in (path, *path.parents):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+        if folder == up_to:
+            return
+
+
 def _fsync(path: Path) -> None:
     """Flush a file or folder to disk, so that a rename made after it is not seen before the data (power loss)."""
     fd = os.open(path, os.O_RDONLY)

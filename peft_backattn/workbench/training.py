@@ -29,8 +29,27 @@ from ..config import BackAttnConfig
 from ..model_card import record_card_details
 from .data import PaddingCollator, TruncationReport, tokenize_examples, tokenize_stream
 from .distributed import gathered_head
+from .features import (
+    CachedFeatures,
+    CachedFeaturesTrainer,
+    FeatureCacheStamp,
+    cache_features,
+    check_feature_folder,
+    checkpoint_features,
+    feature_fingerprint,
+    fingerprint_digest,
+    head_layer,
+)
 from .problems import MathExample
-from .saving import checkpoints_newest_first, clean_leftovers, newest_complete_checkpoint, remove_path, save_head
+from .saving import (
+    checkpoints_newest_first,
+    clean_leftovers,
+    first_missing_folder,
+    newest_complete_checkpoint,
+    remove_empty_folders,
+    remove_path,
+    save_head,
+)
 from .scored_positions import ScoredPositionsTrainer
 
 
@@ -62,6 +81,14 @@ class TrainingOptions:
     save_total_limit: int | None = field(default=2, metadata={"help": "keep at most N checkpoints (None: all)"})
     time_budget_seconds: float | None = field(
         default=None, metadata={"help": "stop after this many seconds of training", "flag": "--time-budget"}
+    )
+    feature_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "folder for cached features: the base runs once over the data (or a cache there for the same "
+            "base, data, --max-length and tokenizer is reused) and every epoch trains the head alone on its hidden "
+            "states at the trained positions; a step then takes --batch-size examples' worth of positions"
+        },
     )
     overwrite: bool = field(default=False, metadata={"help": "replace a head already in the output folder"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in the output folder"})
@@ -118,6 +145,11 @@ class TrainingOptions:
                 or (_is_finite(self.time_budget_seconds) and self.time_budget_seconds > 0),
                 "a positive number of seconds, or None",
             ),
+            "feature_cache": (
+                self.feature_cache is None
+                or (isinstance(self.feature_cache, (str, os.PathLike)) and str(self.feature_cache) != ""),
+                "a folder, or None",
+            ),
             **{
                 name: (isinstance(getattr(self, name), bool), "True or False")
                 for name in ("overwrite", "resume", "progress_bar", "save_final")
@@ -132,13 +164,16 @@ class TrainingOptions:
                 "pass a positive --epochs or --steps."
             )
 
-    def training_arguments(self) -> TrainingArguments:
-        """The Trainer's arguments for these options (head-only training on a frozen base, no reporting)."""
+    def training_arguments(self, batch_size: int | None = None) -> TrainingArguments:
+        """The Trainer's arguments for these options (head-only training on a frozen base, no reporting).
+
+        `batch_size` replaces `self.batch_size` as the Trainer's batch: a run on cached features counts positions.
+        """
         return TrainingArguments(
             output_dir=self.output_dir,
             max_steps=self.max_steps,
             num_train_epochs=self.epochs,
-            per_device_train_batch_size=self.batch_size,
+            per_device_train_batch_size=batch_size or self.batch_size,
             gradient_accumulation_steps=self.gradient_accumulation_steps,
             learning_rate=self.learning_rate,
             weight_decay=self.weight_decay,
@@ -190,6 +225,8 @@ class TrainingReport:
     head_dir: str
     processes: int = 1  # data-parallel processes (accelerate launch)
     losses: list[float] = field(default_factory=list)
+    feature_seconds: float | None = None  # computing (or checking) the feature cache; None: no cache
+    positions_per_step: int | None = None  # cached runs: positions in one batch
 
 
 class _LossPrinter(TrainerCallback):
@@ -201,14 +238,19 @@ class _LossPrinter(TrainerCallback):
 
 
 class _TimeBudget(TrainerCallback):
-    """Stops training once the wall-clock budget is spent (the demo trains for minutes, not for steps)."""
+    """Stops training once the wall-clock budget is spent (the demo trains for minutes, not for steps).
 
-    def __init__(self, seconds: float) -> None:
+    The clock starts when training begins, or at `start` when given (a cached run counts its feature pass).
+    """
+
+    def __init__(self, seconds: float, start: float | None = None) -> None:
         self.seconds = seconds
-        self.start = time.monotonic()
+        self.fixed_start = start is not None
+        self.start = start if start is not None else time.monotonic()
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
+        if not self.fixed_start:
+            self.start = time.monotonic()
 
     def on_step_end(self, args, state, control, **kwargs):
         if time.monotonic() - self.start >= self.seconds:
@@ -268,7 +310,12 @@ def train_head(
     continues from the newest complete checkpoint. A NaN or infinite loss or head weight stops training with a
     RuntimeError; a run that fails before it wrote anything removes the output folder
     it created.
+
+    With `options.feature_cache`, the base's hidden states at the trained positions are computed once into that
+    folder (or reused, see `workbench.features`) and every epoch trains the head alone on them, `batch_size`
+    examples' worth of positions per step; the feature pass counts toward `time_budget_seconds`.
     """
+    start = time.monotonic()
     output = Path(options.output_dir)
     if (output / "adapter_config.json").exists() and not (options.overwrite or options.resume):
         raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
@@ -277,11 +324,26 @@ def train_head(
         check_streaming(options)
     arguments = options.training_arguments()
     main_process = arguments.process_index == 0
+    if options.feature_cache is not None:
+        check_feature_folder(options.feature_cache, output)
+        if arguments.world_size > 1:
+            raise ValueError("--feature-cache trains in one process; run it without accelerate launch.")
     checkpoint, skipped = _resume_checkpoint(output) if options.resume else (None, [])
+    trained_on = checkpoint_features(checkpoint) if checkpoint else None
+    if checkpoint:
+        _check_same_kind_of_run(checkpoint, trained_on, options.feature_cache)
     if streamed:  # tokenised a batch at a time as the Trainer reads it; counted as it streams
         dataset, truncation = tokenize_stream(examples, tokenizer, options.max_length, options.batch_size)
     else:
         dataset, truncation = tokenize_examples(examples, tokenizer, options.max_length)
+    fingerprint = None
+    if trained_on is not None:  # the checkpoint's features must be these: checked before anything is written
+        fingerprint = feature_fingerprint(model, tokenizer, dataset, options.max_length)
+        if fingerprint_digest(fingerprint) != trained_on:
+            raise ValueError(
+                f"--resume: {checkpoint.name} was trained on features of another base, data, --max-length or "
+                "tokenizer; resume with the same model and data as the run that wrote it."
+            )
     if main_process:  # nothing on disk changes before this point
         clean_leftovers(output)
         if checkpoint:
@@ -292,29 +354,47 @@ def train_head(
 
     callbacks = [_StopOnDivergence(model, options.learning_rate)]
     if options.time_budget_seconds:
-        callbacks.append(_TimeBudget(options.time_budget_seconds))
+        callbacks.append(_TimeBudget(options.time_budget_seconds, start if options.feature_cache else None))
     if not options.progress_bar:
         callbacks.append(_LossPrinter())
-    created = _first_missing(output)  # the folder (or its first missing parent) this run creates, if any
+    created = first_missing_folder(output)  # the folder (or its first missing parent) this run creates, if any
+    features = None
     try:
-        trainer = ScoredPositionsTrainer(
-            model=model,
-            args=arguments,
-            train_dataset=dataset,
-            data_collator=PaddingCollator.from_tokenizer(tokenizer),
-            callbacks=callbacks,
-        )
-        if not options.progress_bar:
-            trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
         if main_process:
             print(f"Training data: {'streamed, counted as it is read' if streamed else truncation}", flush=True)
-        start = time.monotonic()
+        if options.feature_cache is None:
+            trainer = ScoredPositionsTrainer(
+                model=model,
+                args=arguments,
+                train_dataset=dataset,
+                data_collator=PaddingCollator.from_tokenizer(tokenizer),
+                callbacks=callbacks,
+            )
+        else:
+            _place_like_the_trainer(model, arguments)  # the pass runs before the Trainer would move the model
+            features = cache_features(
+                model, tokenizer, dataset, options.feature_cache, max_length=options.max_length,
+                batch_size=options.batch_size, progress=options.progress_bar, fingerprint=fingerprint,
+            )  # fmt: skip
+            layer, name = head_layer(model)
+            trainer = CachedFeaturesTrainer(
+                model=model,
+                args=options.training_arguments(batch_size=features.positions_per_step(options.batch_size)),
+                train_dataset=features.rows,
+                data_collator=features.collator(layer.backattn_heads[name].config),
+                callbacks=[*callbacks, FeatureCacheStamp(features.digest)],
+            )
+            if main_process:
+                print(_cached_run_line(features, layer.backattn_heads[name].config, options.batch_size), flush=True)
+        if not options.progress_bar:
+            trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
+        train_start = time.monotonic()
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     except BaseException:
         if created is not None and main_process:
-            _remove_if_empty(output, created)  # a run that failed before writing anything leaves no folder behind
+            remove_empty_folders(output, created)  # a run that failed before writing anything leaves no folder behind
         raise
-    seconds = time.monotonic() - start
+    seconds = time.monotonic() - train_start
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if streamed and main_process:
         print(f"Training data: {truncation}", flush=True)
@@ -331,6 +411,8 @@ def train_head(
         head_dir=options.output_dir,
         processes=trainer.args.world_size,
         losses=losses,
+        feature_seconds=features.seconds if features is not None else None,
+        positions_per_step=trainer.args.per_device_train_batch_size if features is not None else None,
     )
 
 
@@ -338,6 +420,8 @@ def check_streaming(options: TrainingOptions) -> None:
     """Refuse options that cannot train on a streamed data set: it has no length to count epochs with."""
     if options.max_steps <= 0:
         raise ValueError("A streamed data set has no length to make epochs of; give --steps (max_steps > 0).")
+    if options.feature_cache is not None:
+        raise ValueError("--feature-cache computes features for the whole data set once; it cannot stream it.")
 
 
 def card_training_details(
@@ -345,7 +429,7 @@ def card_training_details(
 ) -> dict[str, object]:
     """The training run as the head's model card shows it (see `peft_backattn.model_card`)."""
     details: dict[str, object] = {
-        "trainer": "transformers Trainer (ScoredPositionsTrainer, in peft_backattn.workbench.training.train_head)",
+        "trainer": f"transformers Trainer ({type(trainer).__name__}, in peft_backattn.workbench.training.train_head)",
         "optimiser steps": trainer.state.global_step,
         "processes": trainer.args.world_size,
         "examples per step and process": options.batch_size,
@@ -364,6 +448,40 @@ def card_training_details(
     return details
 
 
+def _place_like_the_trainer(model: PeftModel, arguments: TrainingArguments) -> None:
+    """Move the model to the training device as the Trainer would (not one spread over devices or quantised)."""
+    spread = getattr(model, "hf_device_map", None) is not None
+    quantised = getattr(model, "hf_quantizer", None) is not None or getattr(model, "quantization_method", None)
+    if not (spread or quantised):
+        model.to(arguments.device)
+
+
+def _check_same_kind_of_run(checkpoint: Path, trained_on: str | None, feature_cache: str | None) -> None:
+    """A run resumes as the kind it was: on sequences, or on cached positions (its steps count different batches)."""
+    if trained_on is not None and feature_cache is None:
+        raise ValueError(
+            f"--resume: {checkpoint.name} was trained on cached features; resume with --feature-cache and the "
+            "folder of that run."
+        )
+    if trained_on is None and feature_cache is not None:
+        raise ValueError(
+            f"--resume: {checkpoint.name} was trained without --feature-cache; resume without it (a run cannot "
+            "switch from sequences to cached positions)."
+        )
+
+
+def _cached_run_line(features: CachedFeatures, config: BackAttnConfig, batch_size: int) -> str:
+    """What a cached run trains on, and whether a softmax head computes its weights or reads them."""
+    per_step = features.positions_per_step(batch_size)
+    line = (
+        f"Training the head alone on {features.positions:,} cached positions, {per_step:,} per step "
+        f"({batch_size} examples' worth)"
+    )
+    if config.logit_weighting == "softmax" and not features.weighted_for(config):
+        line += "; the cache holds no softmax weights for this head's rms_norm_eps, so each step computes them"
+    return line
+
+
 def _resume_checkpoint(output: Path) -> tuple[Path, list[tuple[Path, str]]]:
     """The newest complete checkpoint in `output`, and the newer ones skipped as incomplete (a kill or a full disk
     during a save), each with what is wrong with it."""
@@ -380,24 +498,3 @@ def _resume_checkpoint(output: Path) -> tuple[Path, list[tuple[Path, str]]]:
 
 def _reasons(skipped: list[tuple[Path, str]]) -> str:
     return "; ".join(f"{folder.name} is incomplete: {problem}" for folder, problem in skipped)
-
-
-def _first_missing(path: Path) -> Path | None:
-    """The outermost folder of `path` (itself or a parent) that does not exist yet; None if `path` exists."""
-    missing = None
-    for folder in (path, *path.parents):
-        if folder.exists():
-            break
-        missing = folder
-    return missing
-
-
-def _remove_if_empty(path: Path, up_to: Path) -> None:
-    """Remove `path` and its parents up to `up_to` as long as they are empty folders (never anything with files)."""
-    for folder in (path, *path.parents):
-        try:
-            folder.rmdir()
-        except OSError:
-            return
-        if folder == up_to:
-            return

@@ -1,0 +1,575 @@
+"""Cached features: what the frozen base feeds the output layer at the trained positions, computed once and trained
+on for many epochs.
+
+Under a head the base is frozen all the way up to the output layer, so the hidden state entering it at a trained
+position (one whose next token the loss scores, see `scored_positions`) is the same in every epoch. `cache_features`
+runs the base once over a tokenised training set and writes one row per trained position to an Arrow file in the
+`datasets` format, which is memory-mapped when read (`datasets.Dataset.from_file`), so a cache larger than memory
+works:
+
+    hidden    (d_in,)  the input of the wrapped output layer, in the model's dtype (bf16 is widened to fp32: Arrow
+                       has no bf16; the widening is exact and undone when the rows are read)
+    target    ()       the token the loss scores at that position (int64)
+    weighted  (d_e,)   softmax heads only: w N = softmax(z) N, the base's logit-weighted embedding (the head's dtype)
+
+The pass runs the base in eval mode with the head switched off (`disable_adapter()`), and a forward pre-hook on the
+head's layer keeps the trained rows and hands the output layer nothing, so no vocabulary product is spent on it.
+Eval mode means the cached features see no dropout in the base: for GPT-2 (dropout 0.1) a cached run trains on what
+evaluation sees, not on the noisy states an ordinary training step sees; SmolLM2 and Llama have no dropout, so for
+them the two are the same. `weighted` depends only on the base (and the head's `rms_norm_eps`), so caching it skips
+one of a softmax head's vocabulary-sized products per position in every later epoch.
+
+`CachedFeaturesTrainer` trains the head alone on those rows with the HF Trainer (hidden state -> the head's logits ->
+cross-entropy against the target). Its model is the PeftModel itself, so the weights it trains are the head's own
+parameters, its checkpoints are the usual head checkpoints, and `save_head` and `PeftModel.from_pretrained` work
+unchanged. A folder holds `features.arrow` and `fingerprint.json`, the latter written last: what the rows were
+computed from (the base's weights, the tokenizer, `max_length` and the tokenised data, each hashed), which decides
+whether a later run may reuse them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow
+import pyarrow.ipc
+import torch
+import torch.nn.functional as F
+from datasets import Dataset, Features, Value
+from datasets import Sequence as FeatureList
+from peft import PeftModel
+from torch import nn
+from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers.trainer_callback import ExportableState
+
+from ..config import BackAttnConfig
+from ..layer import BackAttnLayer
+from .data import IGNORE_INDEX, PaddingCollator
+from .progress import Progress
+from .saving import first_missing_folder, remove_empty_folders, remove_path
+from .scored_positions import trained_positions, trained_targets
+
+FEATURES_FILE = "features.arrow"
+FINGERPRINT_FILE = "fingerprint.json"
+STAGING_PREFIX = ".writing-"
+FORMAT_VERSION = 1
+# torch dtype of the hidden states -> the Arrow type they are stored as (exactly: bf16 widens to fp32 without loss)
+_STORED_AS = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64", torch.bfloat16: "float32"}
+_DISK_MARGIN = 1.01  # refuse unless the disk holds the estimated size plus 1 % (Arrow's own bookkeeping is smaller)
+
+
+@dataclass
+class CachedFeatures:
+    """An opened feature cache: the memory-mapped rows and what they were computed from.
+
+    `fingerprint["source"]` identifies the base, tokenizer, max_length and data; `fingerprint["contents"]` says what
+    the rows hold (widths, dtypes, whether there is a `weighted` column and for which `rms_norm_eps`).
+    """
+
+    directory: Path
+    rows: Dataset  # torch-formatted, memory-mapped: hidden (d_in), target, [weighted (d_e)]
+    fingerprint: dict[str, Any]
+    computed: bool  # False: reused from an earlier run
+    seconds: float  # computing (or checking and opening) it
+
+    @property
+    def positions(self) -> int:
+        return len(self.rows)
+
+    @property
+    def examples(self) -> int:
+        return int(self.fingerprint["source"]["data"]["examples"])
+
+    @property
+    def hidden_dtype(self) -> torch.dtype:
+        return getattr(torch, self.fingerprint["contents"]["hidden_dtype"])
+
+    @property
+    def digest(self) -> str:
+        return fingerprint_digest(self.fingerprint["source"])
+
+    def weighted_for(self, config: BackAttnConfig) -> bool:
+        """Whether the stored `weighted` rows are what a head of `config` computes (softmax, same epsilon)."""
+        stored = self.fingerprint["contents"]["weighted"]
+        return (
+            stored is not None
+            and config.logit_weighting == "softmax"
+            and stored["rms_norm_eps"] == config.rms_norm_eps
+        )
+
+    def positions_per_step(self, examples_per_step: int) -> int:
+        """Positions in one cached batch: `examples_per_step` examples' worth of trained positions (at least 1).
+
+        So that `batch_size` means the same amount of data per step in both kinds of run, and a step count or a
+        learning rate carries over from one to the other.
+        """
+        return max(1, round(examples_per_step * self.positions / max(self.examples, 1)))
+
+    def collator(self, config: BackAttnConfig) -> FeatureCollator:
+        return FeatureCollator(self.hidden_dtype, self.weighted_for(config))
+
+
+@dataclass(frozen=True)
+class FeatureCollator:
+    """Stacks cached rows into a batch: hidden (n, d_in) in the model's dtype, labels (n,), weighted (n, d_e)."""
+
+    hidden_dtype: torch.dtype
+    use_weighted: bool
+
+    def __call__(self, rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("cannot collate an empty batch")
+        batch = {
+            "hidden": torch.stack([row["hidden"] for row in rows]).to(self.hidden_dtype),  # (n, d_in)
+            "labels": torch.stack([row["target"] for row in rows]),  # (n,), already shifted: one target per row
+        }
+        if self.use_weighted:
+            batch["weighted"] = torch.stack([row["weighted"] for row in rows])  # (n, d_e)
+        return batch
+
+
+# ---- where a cache may go ---------------------------------------------------------------------------------------
+
+
+def check_feature_folder(directory: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> None:
+    """Refuse, in one line and before anything is loaded or written, a folder that cannot hold a feature cache.
+
+    A cache folder is new, empty, or holds a cache (ours: `features.arrow`, `fingerprint.json`, leftovers of a
+    killed pass); never a file, the head's output folder, or a folder of other files that a cache would mix with.
+    """
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ValueError(f"--feature-cache {directory} is a file; pass a folder for the cached features.")
+    if output_dir is not None and directory.resolve() == Path(output_dir).resolve():
+        raise ValueError(
+            f"--feature-cache {directory} is the --output folder; pass a folder of its own for the cached features."
+        )
+    if directory.is_dir():
+        others = sorted(entry.name for entry in directory.iterdir() if not _is_ours(entry.name))
+        if others:
+            raise ValueError(
+                f"--feature-cache {directory} holds files that are no feature cache ({', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}); pass a new or empty folder."
+            )
+
+
+def _is_ours(name: str) -> bool:
+    return name in (FEATURES_FILE, FINGERPRINT_FILE) or name.startswith(STAGING_PREFIX)
+
+
+# ---- what a cache was computed from -----------------------------------------------------------------------------
+
+
+def feature_fingerprint(
+    model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, max_length: int
+) -> dict[str, Any]:
+    """What cached rows depend on: the base's weights, the tokenizer, `max_length` and the tokenised data, hashed.
+
+    Hashing every base weight reads the whole model once (about a second for SmolLM2-135M); it is what makes "the
+    same base" mean the same weights, not the same name. `name_or_path` is recorded for the reader only.
+    """
+    config = model.get_base_model().config
+    return {
+        "format": FORMAT_VERSION,
+        "base": {
+            "model_type": getattr(config, "model_type", type(model.get_base_model()).__name__),
+            "name_or_path": getattr(config, "_name_or_path", ""),
+            "weights": _base_weights_digest(model),
+        },
+        "tokenizer": {
+            "class": type(tokenizer).__name__,
+            "size": len(tokenizer),
+            "vocab": _tokenizer_digest(tokenizer),
+        },
+        "max_length": max_length,
+        "data": {"examples": len(dataset), "tokens": _tokens_digest(dataset)},
+    }
+
+
+def fingerprint_digest(source: Mapping[str, Any]) -> str:
+    """One short hash of a fingerprint's identity (`name_or_path` left out: a copied base is the same base)."""
+    identity = {**source, "base": {k: v for k, v in source["base"].items() if k != "name_or_path"}}
+    return _digest(json.dumps(identity, sort_keys=True).encode())
+
+
+def _mismatch(cached: Mapping[str, Any], current: Mapping[str, Any]) -> str | None:
+    """What differs between two fingerprints, as a phrase; None when the cached rows may be reused."""
+    if cached.get("format") != current["format"]:
+        return f"format {cached.get('format')} (this version writes format {current['format']})"
+    base_keys = ("model_type", "weights")
+    if any(cached.get("base", {}).get(key) != current["base"][key] for key in base_keys):
+        return f"another base model ({cached.get('base', {}).get('name_or_path') or 'unnamed'})"
+    if cached.get("tokenizer") != current["tokenizer"]:
+        return "another tokenizer"
+    if cached.get("max_length") != current["max_length"]:
+        return f"--max-length {cached.get('max_length')}, not {current['max_length']}"
+    if cached.get("data") != current["data"]:
+        return "other training data"
+    return None
+
+
+def _digest(data: bytes | None = None) -> str:
+    return hashlib.blake2b(data or b"", digest_size=16).hexdigest()
+
+
+def _base_weights_digest(model: PeftModel) -> str:
+    """Every base parameter's name, dtype, shape and bytes; the heads' weights are left out."""
+    hasher = hashlib.blake2b(digest_size=16)
+    for name, tensor in model.get_base_model().named_parameters():
+        if ".backattn_heads." in name:
+            continue
+        hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        if tensor.device.type != "meta":  # offloaded weights: their names and shapes only
+            hasher.update(tensor.detach().reshape(-1).cpu().view(torch.uint8).numpy())
+    return hasher.hexdigest()
+
+
+def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
+    vocab = sorted(tokenizer.get_vocab().items())
+    special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
+    return _digest(json.dumps([vocab, special]).encode())
+
+
+def _tokens_digest(dataset: Dataset) -> str:
+    hasher = hashlib.blake2b(digest_size=16)
+    for column in ("input_ids", "labels"):
+        for values in dataset[column]:
+            array = np.asarray(values, dtype=np.int64)
+            hasher.update(len(array).to_bytes(8, "little"))
+            hasher.update(array.tobytes())
+    return hasher.hexdigest()
+
+
+# ---- computing, writing and opening a cache ---------------------------------------------------------------------
+
+
+def count_trained_positions(dataset: Dataset) -> int:
+    """Trained positions of a tokenised set: position t is trained when labels[t + 1] is (padding never is)."""
+    return sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in dataset["labels"])
+
+
+def head_layer(model: nn.Module) -> tuple[BackAttnLayer, str]:
+    """The model's one backattn layer and the name of its active head."""
+    layers = [module for module in model.modules() if isinstance(module, BackAttnLayer)]
+    if len(layers) != 1:
+        raise ValueError(f"Cached features need a model with one backattn layer; this one has {len(layers)}.")
+    layer = layers[0]
+    if len(layer.active_adapters) != 1:
+        raise ValueError(f"Cached features train one head at a time, but {layer.active_adapters} are active.")
+    return layer, layer.active_adapters[0]
+
+
+def cache_features(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    directory: str | os.PathLike,
+    *,
+    max_length: int,
+    batch_size: int = 8,
+    progress: bool = True,
+    fingerprint: Mapping[str, Any] | None = None,
+) -> CachedFeatures:
+    """The cached features of `dataset` (from `tokenize_examples`) in `directory`: reused when it holds features of
+    the same base, tokenizer, max_length and data, else computed once (the base's forward, `batch_size` examples at
+    a time) and written there.
+
+    Prints the size before writing and refuses, in one line, a folder on a disk without room for it, a folder of
+    features computed from something else, and a folder `check_feature_folder` refuses. A pass that fails or is
+    interrupted removes what it wrote (and the folder, if it created it).
+    """
+    directory = Path(directory)
+    check_feature_folder(directory)
+    start = time.monotonic()
+    layer, name = head_layer(model)
+    source = (
+        dict(fingerprint) if fingerprint is not None else feature_fingerprint(model, tokenizer, dataset, max_length)
+    )
+    if (directory / FINGERPRINT_FILE).is_file():
+        features = open_features(directory)
+        problem = _mismatch(features.fingerprint["source"], source)
+        if problem is not None:
+            raise ValueError(
+                f"--feature-cache {directory} holds features of {problem}; choose another folder (or delete this one)."
+            )
+        features.seconds = time.monotonic() - start
+        print(f"Feature cache: reusing {directory} ({features.positions:,} trained positions)", flush=True)
+        return features
+    for entry in directory.iterdir() if directory.is_dir() else ():  # what a killed pass left: never complete
+        remove_path(entry)
+
+    config = layer.backattn_heads[name].config
+    hidden_dtype = _hidden_dtype(layer)
+    contents = {
+        "positions": count_trained_positions(dataset),
+        "hidden_size": layer.in_features,
+        "hidden_dtype": str(hidden_dtype).removeprefix("torch."),
+        "stored_dtype": _STORED_AS[hidden_dtype],
+        "weighted": None,
+    }
+    if config.logit_weighting == "softmax":
+        weighted_dtype = layer.backattn_heads[name].norm_scale.dtype  # what `weighted_embedding` returns
+        contents["weighted"] = {
+            "rms_norm_eps": config.rms_norm_eps,
+            "embedding_dim": layer.embedding_weight.shape[1],
+            "dtype": str(weighted_dtype).removeprefix("torch."),
+            "stored_dtype": _STORED_AS[weighted_dtype],
+        }
+    size = _estimated_bytes(contents)
+    room = shutil.disk_usage(_existing(directory)).free
+    print(
+        f"Feature cache: {contents['positions']:,} trained positions of {len(dataset):,} examples, "
+        f"{_describe_row(contents)} = {_size(size)}, to {directory} ({_size(room)} free)",
+        flush=True,
+    )
+    if size * _DISK_MARGIN > room:
+        raise ValueError(
+            f"--feature-cache {directory}: the features need {_size(size)} but the disk has {_size(room)} free; "
+            "free some space or choose a folder on another disk."
+        )
+    created = first_missing_folder(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    staging = directory / f"{STAGING_PREFIX}{secrets.token_hex(8)}.arrow"
+    try:
+        written = _write_features(model, layer, name, tokenizer, dataset, staging, contents, batch_size, progress)
+        if written != contents["positions"]:
+            raise RuntimeError(f"the feature pass found {written} trained positions, not {contents['positions']}")
+        os.replace(staging, directory / FEATURES_FILE)
+        _write_json(directory / FINGERPRINT_FILE, {"source": source, "contents": contents})  # last: complete
+    except BaseException:
+        for item in (staging, directory / FEATURES_FILE, directory / FINGERPRINT_FILE):
+            remove_path(item)
+        if created is not None:
+            remove_empty_folders(directory, created)
+        raise
+    features = open_features(directory)
+    features.computed, features.seconds = True, time.monotonic() - start
+    print(f"Feature cache: {features.positions:,} positions written in {features.seconds:.0f} s", flush=True)
+    return features
+
+
+def open_features(directory: str | os.PathLike) -> CachedFeatures:
+    """The cache in `directory`, memory-mapped; a damaged one is a one-line ValueError."""
+    directory = Path(directory)
+    try:
+        fingerprint = json.loads((directory / FINGERPRINT_FILE).read_text())
+        contents = fingerprint["contents"]
+        columns = ["hidden", "target"] + (["weighted"] if contents["weighted"] is not None else [])
+        rows = Dataset.from_file(str(directory / FEATURES_FILE))  # memory-mapped, not read into memory
+    except (OSError, ValueError, KeyError, TypeError, pyarrow.ArrowException) as error:
+        raise ValueError(
+            f"--feature-cache {directory} is damaged ({type(error).__name__}); delete it or choose another folder."
+        ) from None
+    if rows.column_names != columns or len(rows) != contents["positions"]:
+        raise ValueError(
+            f"--feature-cache {directory} is damaged ({len(rows)} rows of {rows.column_names}, expected "
+            f"{contents['positions']} of {columns}); delete it or choose another folder."
+        )
+    return CachedFeatures(directory, rows.with_format("torch"), fingerprint, computed=False, seconds=0.0)
+
+
+def _write_features(
+    model: PeftModel,
+    layer: BackAttnLayer,
+    name: str,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    path: Path,
+    contents: Mapping[str, Any],
+    batch_size: int,
+    progress: bool,
+) -> int:
+    """The base's forward over `dataset`, the trained rows appended to the Arrow file at `path`; returns the count."""
+    head = layer.backattn_heads[name]
+    collate = PaddingCollator.from_tokenizer(tokenizer)
+    device = layer.embedding_weight.device
+    schema = _features(contents).arrow_schema  # carries the `datasets` feature types, for Dataset.from_file
+    kept: dict[str, torch.Tensor] = {}
+
+    def keep_trained_rows(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        hidden = args[0]  # (B, T, d_in)
+        kept["hidden"] = hidden[kept["mask"].to(hidden.device)]  # (n, d_in)
+        return (hidden[:, :0], *args[1:]), kwargs  # (B, 0, d_in): the output layer computes nothing
+
+    written = 0
+    was_training = model.training
+    model.eval()
+    handle = layer.register_forward_pre_hook(keep_trained_rows, with_kwargs=True)
+    batches = range(0, len(dataset), batch_size)
+    try:
+        with (
+            pyarrow.OSFile(str(path), "wb") as sink,
+            pyarrow.ipc.new_stream(sink, schema) as stream,
+            model.disable_adapter(),
+            torch.inference_mode(),
+            Progress(len(batches), "feature pass", enabled=progress) as shown,
+        ):
+            for start in batches:
+                batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
+                kept["mask"] = trained_positions(batch["labels"])  # (B, T)
+                model(
+                    input_ids=batch["input_ids"].to(device),
+                    attention_mask=batch["attention_mask"].to(device),
+                    use_cache=False,
+                )
+                hidden = kept.pop("hidden")  # (n, d_in)
+                columns = {
+                    "hidden": hidden.to(getattr(torch, contents["stored_dtype"])),  # (n, d_in)
+                    "target": trained_targets(batch["labels"]).to(torch.int64),  # (n,)
+                }
+                if contents["weighted"] is not None:
+                    frozen = layer.frozen_tensors(head.config)
+                    weighted = head.weighted_embedding(hidden, None, frozen, layer.base_layer)  # (n, d_e)
+                    columns["weighted"] = weighted.to(getattr(torch, contents["weighted"]["stored_dtype"]))
+                stream.write_table(_table(columns, schema))
+                written += hidden.shape[0]
+                shown.update(1)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return written
+
+
+def _features(contents: Mapping[str, Any]) -> Features:
+    columns = {
+        "hidden": FeatureList(Value(contents["stored_dtype"]), length=contents["hidden_size"]),
+        "target": Value("int64"),
+    }
+    weighted = contents["weighted"]
+    if weighted is not None:
+        columns["weighted"] = FeatureList(Value(weighted["stored_dtype"]), length=weighted["embedding_dim"])
+    return Features(columns)
+
+
+def _table(columns: Mapping[str, torch.Tensor], schema: pyarrow.Schema) -> pyarrow.Table:
+    """One Arrow record batch, each tensor already in its stored dtype: (n, width) as a fixed-size list column."""
+    arrays = []
+    for field in schema:
+        values = columns[field.name].detach().cpu().contiguous()
+        if values.dim() == 1:
+            arrays.append(pyarrow.array(values.numpy()))
+        else:
+            flat = pyarrow.array(values.reshape(-1).numpy())
+            arrays.append(pyarrow.FixedSizeListArray.from_arrays(flat, values.shape[1]))
+    return pyarrow.Table.from_arrays(arrays, schema=schema)
+
+
+def _hidden_dtype(layer: BackAttnLayer) -> torch.dtype:
+    """The dtype the output layer takes: its weight's, or (a quantised layer) the input embeddings'."""
+    weight = getattr(layer.get_base_layer(), "weight", None)
+    if weight is not None and weight.dtype in _STORED_AS:
+        return weight.dtype
+    return layer.embedding_weight.dtype
+
+
+def _estimated_bytes(contents: Mapping[str, Any]) -> int:
+    """The rows' bytes: each row's hidden state, target (8 bytes) and softmax weights."""
+    per_row = contents["hidden_size"] * np.dtype(contents["stored_dtype"]).itemsize + 8
+    weighted = contents["weighted"]
+    if weighted is not None:
+        per_row += weighted["embedding_dim"] * np.dtype(weighted["stored_dtype"]).itemsize
+    return contents["positions"] * per_row
+
+
+def _describe_row(contents: Mapping[str, Any]) -> str:
+    row = f"{contents['hidden_size']} hidden values ({contents['stored_dtype']})"
+    if contents["weighted"] is not None:
+        row += f" + {contents['weighted']['embedding_dim']} softmax weights"
+    return row + " + a target each"
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if count < 1000:
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1000
+    return f"{count:.1f} TB"
+
+
+def _existing(path: Path) -> Path:
+    """`path` or its nearest existing parent: where the disk's free space is read."""
+    for folder in (path, *path.parents):
+        if folder.exists():
+            return folder
+    return Path.cwd()
+
+
+def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
+    """Written whole or not at all: a temporary file renamed over the name."""
+    temporary = path.with_name(f"{STAGING_PREFIX}{secrets.token_hex(8)}.json")
+    temporary.write_text(json.dumps(payload, indent=2) + "\n")
+    os.replace(temporary, path)
+
+
+# ---- training the head alone on them ----------------------------------------------------------------------------
+
+
+def cached_features_loss(
+    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+) -> torch.Tensor:
+    """Cross-entropy of the head's logits (n, V) against the n targets: summed and divided by the targets the
+    Trainer counted across accumulated batches, else the mean (the same loss as `scored_positions_loss`)."""
+    total = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
+    return total / (num_items_in_batch if num_items_in_batch is not None else targets.numel())
+
+
+class CachedFeaturesTrainer(Trainer):
+    """The HF Trainer on cached rows: each step runs the PeftModel's active head alone, (n, d_in) -> (n, V) -> loss.
+
+    Its model is the PeftModel, so the optimiser, schedule, clipping, logging, callbacks and checkpoints are the
+    Trainer's own and its checkpoints are the usual head checkpoints; only the loss skips the base. Batches come
+    from `FeatureCollator`: `hidden`, `labels` (the targets) and, for a softmax head, `weighted`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, compute_loss_func=_loss_of_outputs, **kwargs)
+        # One target per row, already shifted: the Trainer must count every label, not labels[..., 1:].
+        self._loss_shifts_labels = False
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        layer, name = head_layer(self.accelerator.unwrap_model(model))
+        logits = layer.head_forward(name, inputs["hidden"], weighted=inputs.get("weighted"))  # (n, V)
+        loss = cached_features_loss(logits, inputs["labels"], num_items_in_batch)
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+
+def _loss_of_outputs(outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None):
+    """`compute_loss_func` form of `cached_features_loss`: set, it also makes the Trainer count targets."""
+    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+    return cached_features_loss(logits, labels, num_items_in_batch)
+
+
+class FeatureCacheStamp(TrainerCallback, ExportableState):
+    """Marks a run's checkpoints as trained on cached features: its state goes into each checkpoint's
+    trainer_state.json, written with the checkpoint, so `--resume` can tell the two kinds of run apart."""
+
+    def __init__(self, features: str = "") -> None:
+        self.features = features  # `fingerprint_digest` of the cache trained on
+
+    def state(self) -> dict:
+        return {"args": {"features": self.features}, "attributes": {}}
+
+
+def checkpoint_features(checkpoint: str | os.PathLike) -> str | None:
+    """The digest of the cached features a complete checkpoint was trained on; None for an ordinary checkpoint."""
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text())
+    stamp = (state.get("stateful_callbacks") or {}).get(FeatureCacheStamp.__name__)
+    if isinstance(stamp, list):  # the Trainer keeps a list when a callback class appears more than once
+        stamp = stamp[-1]
+    return stamp["args"]["features"] if stamp else None

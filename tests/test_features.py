@@ -1,0 +1,345 @@
+"""Cached features: what is stored is what the output layer sees, training on it equals ordinary training, and the
+folder is reused, refused or cleaned up as promised."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections import namedtuple
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import randomize_heads
+from peft import PeftModel, get_peft_model
+from test_scored_positions import tiny_chat_llama
+
+from peft_backattn import BackAttnConfig
+from peft_backattn.workbench import features as features_module
+from peft_backattn.workbench.data import PaddingCollator, tokenize_examples
+from peft_backattn.workbench.features import (
+    FEATURES_FILE,
+    FINGERPRINT_FILE,
+    cache_features,
+    cached_features_loss,
+    head_layer,
+    open_features,
+)
+from peft_backattn.workbench.scored_positions import (
+    only_trained_positions,
+    scored_positions_loss,
+    trained_positions,
+    trained_targets,
+)
+from peft_backattn.workbench.synthetic import generate_examples
+from peft_backattn.workbench.training import TrainingOptions, train_head
+
+MAX_LENGTH = 128
+HEADS = {
+    "softmax residual": dict(r=8, init_weights=False),
+    "raw residual": dict(r=8, logit_weighting="raw", init_weights=False),
+    "raw replace": dict(r=8, logit_weighting="raw", combine="replace"),
+    "mixture of 2": dict(r=8, num_heads=2, init_weights=False),
+}
+
+
+def head_model(seed: int = 0, **config):
+    """A tiny chat Llama (no dropout) with a head whose weights are clearly non-trivial; the same for a seed."""
+    base, tokenizer = tiny_chat_llama()
+    torch.manual_seed(seed)
+    model = get_peft_model(base, BackAttnConfig(**(config or HEADS["softmax residual"])))
+    randomize_heads(model, seed=seed, std=0.3)
+    return model, tokenizer
+
+
+def head_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if ".backattn_heads." in k}
+
+
+def tokenized(tokenizer, count: int = 8, seed: int = 0):
+    return tokenize_examples(generate_examples(count, split="train", seed=seed), tokenizer, MAX_LENGTH)[0]
+
+
+def options(tmp_path: Path, **changes) -> TrainingOptions:
+    settings = dict(
+        output_dir=str(tmp_path / "head"), feature_cache=str(tmp_path / "features"), batch_size=4,
+        learning_rate=1e-2, logging_steps=1, save_steps=1000, max_length=MAX_LENGTH, progress_bar=False,
+    )  # fmt: skip
+    return TrainingOptions(**{**settings, **changes})
+
+
+def test_the_cache_holds_exactly_its_columns_and_files(tmp_path):
+    model, tokenizer = head_model()
+    softmax = cache_features(model, tokenizer, tokenized(tokenizer), tmp_path / "softmax", max_length=MAX_LENGTH)
+    assert softmax.rows.column_names == ["hidden", "target", "weighted"]
+    assert {p.name for p in (tmp_path / "softmax").iterdir()} == {FEATURES_FILE, FINGERPRINT_FILE}
+    fingerprint = json.loads((tmp_path / "softmax" / FINGERPRINT_FILE).read_text())
+    assert set(fingerprint) == {"source", "contents"}
+    assert set(fingerprint["source"]) == {"format", "base", "tokenizer", "max_length", "data"}
+    assert set(fingerprint["contents"]) == {"positions", "hidden_size", "hidden_dtype", "stored_dtype", "weighted"}
+    row = softmax.rows[0]
+    assert row["hidden"].shape == (32,) and row["hidden"].dtype == torch.float32
+    assert row["target"].dtype == torch.int64 and row["weighted"].shape == (32,)
+
+    raw, tokenizer = head_model(**HEADS["raw residual"])
+    raw_cache = cache_features(raw, tokenizer, tokenized(tokenizer), tmp_path / "raw", max_length=MAX_LENGTH)
+    assert raw_cache.rows.column_names == ["hidden", "target"]  # a raw head's w N is cheap: nothing to cache
+
+
+def test_stored_rows_are_the_output_layer_input_at_the_trained_positions(tmp_path):
+    model, tokenizer = head_model()
+    dataset = tokenized(tokenizer, count=6)
+    # Computed 4 examples at a time; checked against one forward of all 6, padded to the longest.
+    cached = cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH, batch_size=4)
+
+    reference, _ = head_model()  # an identical, un-cached model, run as training runs it (with its head)
+    reference.train()
+    batch = PaddingCollator.from_tokenizer(tokenizer)([dataset[i] for i in range(len(dataset))])
+    seen = []
+    layer, name = head_layer(reference)
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    with torch.no_grad():
+        reference(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    mask = trained_positions(batch["labels"])
+    expected = seen[0][mask]  # (n, d_in)
+
+    assert cached.positions == int(mask.sum()) == expected.shape[0]
+    rows = cached.rows[:]
+    torch.testing.assert_close(rows["hidden"], expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(rows["target"], trained_targets(batch["labels"]))
+    head = layer.backattn_heads[name]
+    with torch.no_grad():
+        weighted = head.weighted_embedding(expected, layer.base_layer(expected), layer.frozen_tensors(head.config))
+    torch.testing.assert_close(rows["weighted"], weighted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", sorted(HEADS))
+def test_loss_and_gradients_from_cached_rows_equal_the_ordinary_step(kind, tmp_path):
+    """At fixed weights, over the same positions: the head-only loss and gradients are those of the base + head."""
+    model, tokenizer = head_model(**HEADS[kind])
+    dataset = tokenized(tokenizer)
+    cached = cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH)
+    model.train()
+    layer, name = head_layer(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    batch = PaddingCollator.from_tokenizer(tokenizer)([dataset[i] for i in range(len(dataset))])
+    with only_trained_positions(layer, batch["labels"]):
+        outputs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    ordinary = scored_positions_loss(outputs, batch["labels"])
+    ordinary_grads = torch.autograd.grad(ordinary, trainable)
+
+    rows = cached.collator(layer.backattn_heads[name].config)([cached.rows[i] for i in range(cached.positions)])
+    assert ("weighted" in rows) == (kind in ("softmax residual", "mixture of 2"))
+    logits = layer.head_forward(name, rows["hidden"], weighted=rows.get("weighted"))
+    from_cache = cached_features_loss(logits, rows["labels"])
+    cached_grads = torch.autograd.grad(from_cache, trainable)
+
+    torch.testing.assert_close(from_cache, ordinary, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(cached_grads, ordinary_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+
+
+def test_one_cached_training_step_equals_one_ordinary_step(tmp_path):
+    """train_head, one full-batch step each way from the same weights and seed: the same loss and updated head."""
+    examples = generate_examples(8, split="train")
+    ordinary, tokenizer = head_model()
+    cached, _ = head_model()
+    step = dict(max_steps=1, batch_size=8, save_final=False)  # 8 examples: one batch covers every position
+    plain = train_head(ordinary, tokenizer, examples, options(tmp_path / "a", feature_cache=None, **step))
+    report = train_head(cached, tokenizer, examples, options(tmp_path / "b", **step))
+    assert report.positions_per_step == cached_positions(tmp_path / "b" / "features")  # the whole set in one step
+    assert report.losses[0] == pytest.approx(plain.losses[0], rel=1e-6)
+    expected, got = head_weights(ordinary), head_weights(cached)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def cached_positions(directory: Path) -> int:
+    return open_features(directory).positions
+
+
+def test_a_cache_is_reused_for_the_same_inputs_and_refused_for_others(tmp_path, capsys):
+    model, tokenizer = head_model()
+    folder = tmp_path / "features"
+    dataset = tokenized(tokenizer)
+    cache_features(model, tokenizer, dataset, folder, max_length=MAX_LENGTH)
+    written = (folder / FEATURES_FILE).stat().st_mtime_ns
+    again = cache_features(model, tokenizer, dataset, folder, max_length=MAX_LENGTH)
+    assert not again.computed and (folder / FEATURES_FILE).stat().st_mtime_ns == written
+    assert f"Feature cache: reusing {folder}" in capsys.readouterr().out
+
+    other_base, _ = head_model()
+    with torch.no_grad():
+        other_base.get_base_model().model.norm.weight.add_(0.01)
+    Case = namedtuple("Case", "model dataset max_length phrase")
+    cases = [
+        Case(other_base, dataset, MAX_LENGTH, "another base model"),
+        Case(model, tokenized(tokenizer, seed=1), MAX_LENGTH, "other training data"),
+        Case(model, dataset, 96, "--max-length 128, not 96"),
+    ]
+    for case in cases:
+        with pytest.raises(ValueError) as refused:
+            cache_features(case.model, tokenizer, case.dataset, folder, max_length=case.max_length)
+        message = str(refused.value)
+        assert "\n" not in message and case.phrase in message and "choose another folder" in message
+    assert (folder / FEATURES_FILE).stat().st_mtime_ns == written  # refused without touching the cache
+
+
+def test_a_raw_head_reuses_a_softmax_cache_and_a_softmax_head_a_raw_one(tmp_path, capsys):
+    """The stored softmax weights are an extra: ignored by a raw head; without them a softmax head computes its own."""
+    model, tokenizer = head_model(**HEADS["raw residual"])
+    report = train_head(model, tokenizer, generate_examples(8), options(tmp_path, max_steps=1))
+    assert report.steps == 1
+    softmax, _ = head_model(**HEADS["softmax residual"])
+    train_head(
+        softmax, tokenizer, generate_examples(8), options(tmp_path, max_steps=1, output_dir=str(tmp_path / "b"))
+    )
+    out = capsys.readouterr().out
+    assert "Feature cache: reusing" in out and "the cache holds no softmax weights" in out
+
+
+def test_many_cheap_epochs_lower_the_loss_and_save_a_head_that_reloads(tmp_path):
+    model, tokenizer = head_model(**HEADS["softmax residual"])
+    report = train_head(model, tokenizer, generate_examples(16, split="train"), options(tmp_path, epochs=4))
+    assert report.steps == 16  # 4 steps of 4 examples' worth per epoch
+    assert report.losses[-1] < report.losses[0]
+    assert report.feature_seconds is not None
+
+    reloaded = PeftModel.from_pretrained(tiny_chat_llama()[0], tmp_path / "head").eval()
+    model.eval()
+    ids = torch.tensor([tokenizer("Tom has 3 boxes of 12 pens.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_the_size_is_printed_before_anything_is_written(tmp_path, capsys, monkeypatch):
+    model, tokenizer = head_model()
+
+    def write_nothing(*args, **kwargs):
+        assert "Feature cache: " in capsys.readouterr().out  # the size line came first
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features_module, "_write_features", write_nothing)
+    with pytest.raises(KeyboardInterrupt):
+        cache_features(model, tokenizer, tokenized(tokenizer), tmp_path / "new" / "features", max_length=MAX_LENGTH)
+    assert not (tmp_path / "new").exists()  # an interrupted pass leaves nothing behind
+
+
+def test_a_full_disk_is_refused_in_one_line_after_the_size_is_printed(tmp_path, capsys, monkeypatch):
+    model, tokenizer = head_model()
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(features_module.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    with pytest.raises(ValueError) as refused:
+        cache_features(model, tokenizer, tokenized(tokenizer), tmp_path / "features", max_length=MAX_LENGTH)
+    message = str(refused.value)
+    assert "\n" not in message and "the disk has 1.0 kB free" in message
+    size_line = capsys.readouterr().out
+    assert "trained positions of 8 examples" in size_line and "(1.0 kB free)" in size_line
+    assert not (tmp_path / "features").exists()
+
+
+def test_a_file_as_the_feature_folder_is_refused_and_nothing_is_left(tmp_path):
+    model, tokenizer = head_model()
+    a_file = tmp_path / "features"
+    a_file.write_text("not a folder")
+    with pytest.raises(ValueError) as refused:
+        train_head(model, tokenizer, generate_examples(4), options(tmp_path, max_steps=1))
+    assert str(refused.value) == f"--feature-cache {a_file} is a file; pass a folder for the cached features."
+    assert a_file.read_text() == "not a folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["features"]  # no output folder either
+
+
+def test_a_folder_of_other_files_or_the_output_folder_is_refused(tmp_path):
+    model, tokenizer = head_model()
+    (tmp_path / "features").mkdir()
+    (tmp_path / "features" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"holds files that are no feature cache \(notes.txt\)"):
+        train_head(model, tokenizer, generate_examples(4), options(tmp_path, max_steps=1))
+    with pytest.raises(ValueError, match="is the --output folder"):
+        train_head(
+            model,
+            tokenizer,
+            generate_examples(4),
+            options(tmp_path, max_steps=1, feature_cache=str(tmp_path / "head")),
+        )
+
+
+def test_a_killed_pass_is_recomputed(tmp_path):
+    model, tokenizer = head_model()
+    folder = tmp_path / "features"
+    folder.mkdir()
+    (folder / FEATURES_FILE).write_bytes(b"cut short")  # no fingerprint.json: the pass never finished
+    (folder / ".writing-0123456789abcdef.arrow").write_bytes(b"")
+    cached = cache_features(model, tokenizer, tokenized(tokenizer), folder, max_length=MAX_LENGTH)
+    assert cached.computed and {p.name for p in folder.iterdir()} == {FEATURES_FILE, FINGERPRINT_FILE}
+
+
+def test_resuming_a_cached_run_continues_it(tmp_path, capsys):
+    examples = generate_examples(16, split="train")
+    straight, tokenizer = head_model()
+    train_head(straight, tokenizer, examples, options(tmp_path / "straight", max_steps=6, save_steps=2))
+    first, _ = head_model()
+    train_head(first, tokenizer, examples, options(tmp_path / "resumed", max_steps=4, save_steps=2))
+    resumed, _ = head_model()
+    report = train_head(
+        resumed, tokenizer, examples, options(tmp_path / "resumed", max_steps=6, save_steps=2, resume=True)
+    )
+    assert report.steps == 6 and "Feature cache: reusing" in capsys.readouterr().out
+    expected, got = head_weights(straight), head_weights(resumed)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], msg=key)
+
+    ordinary, _ = head_model()
+    with pytest.raises(ValueError, match="was trained on cached features; resume with --feature-cache"):
+        train_head(ordinary, tokenizer, examples, options(tmp_path / "resumed", feature_cache=None, resume=True))
+
+
+def test_an_ordinary_run_is_not_resumed_on_cached_features(tmp_path):
+    model, tokenizer = head_model()
+    examples = generate_examples(8)
+    train_head(model, tokenizer, examples, options(tmp_path, feature_cache=None, max_steps=2, save_steps=1))
+    again, _ = head_model()
+    with pytest.raises(ValueError, match="was trained without --feature-cache; resume without it"):
+        train_head(again, tokenizer, examples, options(tmp_path, max_steps=4, resume=True))
+    assert not (tmp_path / "features").exists()
+
+
+def test_the_feature_pass_counts_toward_the_time_budget(tmp_path):
+    model, tokenizer = head_model()
+    report = train_head(model, tokenizer, generate_examples(8), options(tmp_path, epochs=50, time_budget_seconds=1e-3))
+    assert report.steps == 1  # the budget was spent before training began: the first step ends the run
+    assert os.path.isfile(tmp_path / "head" / "adapter_model.safetensors")
+
+
+def test_a_bf16_base_is_stored_widened_and_read_back_exactly(tmp_path):
+    """Arrow has no bf16: the rows are stored as float32 (exact) and collated back to bf16, bit for bit."""
+    model, tokenizer = head_model()
+    model.to(torch.bfloat16)
+    dataset = tokenized(tokenizer, count=4)
+    cached = cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH, batch_size=4)
+    contents = cached.fingerprint["contents"]
+    assert (contents["hidden_dtype"], contents["stored_dtype"]) == ("bfloat16", "float32")
+    assert contents["weighted"]["stored_dtype"] == "float32"
+
+    layer, name = head_layer(model)
+    seen = []
+    handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    batch = PaddingCollator.from_tokenizer(tokenizer)([dataset[i] for i in range(len(dataset))])
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    handle.remove()
+    rows = cached.collator(layer.backattn_heads[name].config)([cached.rows[i] for i in range(cached.positions)])
+    assert rows["hidden"].dtype == torch.bfloat16
+    assert torch.equal(rows["hidden"], seen[0][trained_positions(batch["labels"])])
+
+
+def test_a_damaged_cache_is_one_line(tmp_path):
+    model, tokenizer = head_model()
+    folder = tmp_path / "features"
+    cache_features(model, tokenizer, tokenized(tokenizer), folder, max_length=MAX_LENGTH)
+    (folder / FEATURES_FILE).write_bytes((folder / FEATURES_FILE).read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"features is damaged \(.*\); delete it or choose another folder\.$"):
+        cache_features(model, tokenizer, tokenized(tokenizer), folder, max_length=MAX_LENGTH)
