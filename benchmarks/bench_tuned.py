@@ -62,6 +62,9 @@ def sweep(args, tokenizer, train_examples, validation) -> None:
     results = json.loads(path.read_text()) if path.exists() else {}
     results["settings"] = vars(args) | {"steps": SWEEP_STEPS, "base": EMBEDDED_DEFAULT}
     runs = results.setdefault("runs", [])
+    if "base_validation_perplexity" not in results:  # the untrained reference every grid point starts from
+        nll, tokens, _ = target_nll(load_base("smollm2"), tokenizer, validation, max_length=512, progress=False)
+        results["base_validation_perplexity"] = perplexity(nll, tokens)
     for method in args.methods:
         for lr, init_std in SWEEP_GRID[method]:
             if any(r["method"] == method and r["lr"] == lr and r["init_std"] == init_std for r in runs):

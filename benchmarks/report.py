@@ -229,7 +229,9 @@ def sweep_table(result: dict) -> str:
                      f"{mark}{run['validation_perplexity']:.3f}{mark}"])  # fmt: skip
     header = ["method", "learning rate", "init_std", "steps", "train s", "loss (first -> mean of last 10)",
               f"validation perplexity ({result['settings']['validation']} held-out train problems)"]  # fmt: skip
-    return "`python bench_tuned.py sweep`\n\n" + markdown_table(header, rows)
+    base = result.get("base_validation_perplexity")
+    reference = f"; the base without training: {base:.3f}" if base else ""
+    return f"`python bench_tuned.py sweep`{reference}\n\n" + markdown_table(header, rows)
 
 
 def _tail(losses: list[float], last: int = 10) -> float:
