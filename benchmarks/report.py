@@ -225,9 +225,9 @@ def sweep_table(result: dict) -> str:
         mark = "**" if best[run["method"]] is run else ""
         losses = f"{run['losses'][0]:.3f} -> {_tail(run['losses']):.3f}"
         rows.append([run["method"], f"{run['lr']:g}", run["init_std"] if run["init_std"] is not None else "-",
-                     run["steps"], f"{run['train_seconds']:.0f}", losses,
+                     run["steps"], losses,
                      f"{mark}{run['validation_perplexity']:.3f}{mark}"])  # fmt: skip
-    header = ["method", "learning rate", "init_std", "steps", "train s", "loss (first -> mean of last 10)",
+    header = ["method", "learning rate", "init_std", "steps", "loss (first -> mean of last 10)",
               f"validation perplexity ({result['settings']['validation']} held-out train problems)"]  # fmt: skip
     base = result.get("base_validation_perplexity")
     reference = f"; the base without training: {base:.3f}" if base else ""
