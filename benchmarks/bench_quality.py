@@ -43,12 +43,13 @@ METHODS = {
 TEMPERATURE_GRID = [(0.3, 0), (0.7, 0), (1.0, 0), (0.3, 40), (0.7, 40), (1.0, 40)]  # (temperature, top_k; 0 = off)
 
 
-def evaluate_all(model, tokenizer, data: dict, args) -> dict:
+def evaluate_all(model, tokenizer, data: dict, args, progress: bool = True) -> dict:
+    """GSM8K metrics on data['gsm8k_ppl'] (generation on the first args.gen) and MATH-500 solution perplexity."""
     result = evaluate(
         model, tokenizer, data["gsm8k_ppl"], max_new_tokens=args.max_new_tokens, batch_size=args.batch_eval,
-        max_length=512, generation_limit=args.gen,
+        max_length=512, generation_limit=args.gen, progress=progress,
     ).to_dict()  # fmt: skip
-    nll, tokens, _ = target_nll(model, tokenizer, data["math500"], max_length=768, batch_size=4)
+    nll, tokens, _ = target_nll(model, tokenizer, data["math500"], max_length=768, batch_size=4, progress=progress)
     result["math500_perplexity"] = perplexity(nll, tokens)
     result["math500_tokens"] = tokens
     return result

@@ -23,12 +23,13 @@ import tempfile
 import time
 
 import torch
+from bench_quality import evaluate_all
 from common import RESULTS, SHARED_DATA, attach, load_base, save_result, trainable_parameters
 from transformers import set_seed
 
 from peft_backattn.workbench.base_models import EMBEDDED_DEFAULT, load_base_model
 from peft_backattn.workbench.data import load_examples
-from peft_backattn.workbench.evaluation import evaluate, target_nll
+from peft_backattn.workbench.evaluation import target_nll
 from peft_backattn.workbench.metrics import perplexity, wilson_interval
 from peft_backattn.workbench.training import TrainingOptions, train_head
 
@@ -92,16 +93,10 @@ def best_point(method: str) -> tuple[float, float | None]:
 
 
 def scores(model, tokenizer, data: dict, args) -> dict:
-    result = evaluate(
-        model, tokenizer, data["test"], max_new_tokens=args.max_new_tokens, batch_size=args.batch_eval,
-        max_length=512, generation_limit=args.gen, progress=False,
-    )  # fmt: skip
-    solved = round(result.exact_match * result.n)
-    nll, tokens, _ = target_nll(model, tokenizer, data["math500"], max_length=768, batch_size=4, progress=False)
-    return {
-        **result.to_dict(), "solved": solved, "exact_match_interval": wilson_interval(solved, result.n),
-        "math500_perplexity": perplexity(nll, tokens), "math500_tokens": tokens,
-    }  # fmt: skip
+    """bench_quality's metrics, plus the count of solved problems and its Wilson interval."""
+    result = evaluate_all(model, tokenizer, {"gsm8k_ppl": data["test"], "math500": data["math500"]}, args, False)
+    solved = round(result["exact_match"] * result["n"])
+    return {**result, "solved": solved, "exact_match_interval": wilson_interval(solved, result["n"])}
 
 
 def compare(args, tokenizer, train_examples, data) -> None:
