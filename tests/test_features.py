@@ -14,6 +14,7 @@ import torch
 from conftest import randomize_heads
 from peft import PeftModel, get_peft_model
 from test_scored_positions import tiny_chat_llama
+from transformers import TrainerCallback
 
 from peft_backattn import BackAttnConfig
 from peft_backattn.workbench import features as features_module
@@ -343,3 +344,26 @@ def test_a_damaged_cache_is_one_line(tmp_path):
     (folder / FEATURES_FILE).write_bytes((folder / FEATURES_FILE).read_bytes()[:100])
     with pytest.raises(ValueError, match=r"features is damaged \(.*\); delete it or choose another folder\.$"):
         cache_features(model, tokenizer, tokenized(tokenizer), folder, max_length=MAX_LENGTH)
+
+
+def test_user_callbacks_see_every_step_and_can_stop_the_run(tmp_path):
+    """`train_head(callbacks=...)` passes HF TrainerCallbacks through to the Trainer, as `Trainer(callbacks=)` does."""
+
+    class StopAtTwo(TrainerCallback):
+        def __init__(self):
+            self.steps = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps.append(state.global_step)
+            control.should_training_stop = state.global_step == 2
+            return control
+
+    for feature_cache in (None, "features"):
+        model, tokenizer = head_model()
+        watcher = StopAtTwo()
+        folder = tmp_path / str(feature_cache)
+        cache = str(folder / feature_cache) if feature_cache else None
+        report = train_head(
+            model, tokenizer, generate_examples(8), options(folder, max_steps=5, feature_cache=cache), [watcher]
+        )
+        assert watcher.steps == [1, 2] and report.steps == 2

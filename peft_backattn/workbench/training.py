@@ -297,6 +297,7 @@ def train_head(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[MathExample] | IterableDataset,
     options: TrainingOptions,
+    callbacks: Sequence[TrainerCallback] = (),
 ) -> TrainingReport:
     """Fine-tune the active head of `model` on `examples`; writes the head to `options.output_dir`.
 
@@ -314,6 +315,9 @@ def train_head(
     With `options.feature_cache`, the base's hidden states at the trained positions are computed once into that
     folder (or reused, see `workbench.features`) and every epoch trains the head alone on them, `batch_size`
     examples' worth of positions per step; the feature pass counts toward `time_budget_seconds`.
+
+    `callbacks` are HF `TrainerCallback`s, run after the run's own (divergence check, time budget), as
+    `Trainer(callbacks=...)` takes them: to watch or snapshot the run, or to stop it early.
     """
     start = time.monotonic()
     output = Path(options.output_dir)
@@ -352,11 +356,12 @@ def train_head(
             removed = f" ({_reasons(skipped)}; removed)" if skipped else ""
             print(f"Resuming from {checkpoint.name}{removed}", flush=True)
 
-    callbacks = [_StopOnDivergence(model, options.learning_rate)]
+    user_callbacks, callbacks = list(callbacks), [_StopOnDivergence(model, options.learning_rate)]
     if options.time_budget_seconds:
         callbacks.append(_TimeBudget(options.time_budget_seconds, start if options.feature_cache else None))
     if not options.progress_bar:
         callbacks.append(_LossPrinter())
+    callbacks += user_callbacks
     created = first_missing_folder(output)  # the folder (or its first missing parent) this run creates, if any
     features = None
     try:
