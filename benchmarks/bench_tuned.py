@@ -21,11 +21,13 @@ import json
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import torch
 from bench_quality import evaluate_all
 from common import RESULTS, SHARED_DATA, attach, load_base, save_result, trainable_parameters
-from transformers import set_seed
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback, set_seed
 
 from peft_backattn.workbench.base_models import EMBEDDED_DEFAULT, load_base_model
 from peft_backattn.workbench.data import load_examples
@@ -46,16 +48,18 @@ SWEEP_GRID = {
 
 
 def train(method: str, lr: float, init_std: float | None, seed: int, examples, tokenizer, steps: int,
-          seconds: float | None):  # fmt: skip
+          seconds: float | None, snapshots: _Snapshots | None = None):  # fmt: skip
     """A fresh base with `method` attached (its random init from `seed`), trained by `train_head` as users do."""
     set_seed(seed)
     model = attach(load_base("smollm2"), ATTACH[method], seed=seed, init_std=init_std)
+    if snapshots is not None:
+        snapshots.model = model
     with tempfile.TemporaryDirectory() as work:
         options = TrainingOptions(
             output_dir=work, max_steps=steps, batch_size=8, learning_rate=lr, max_length=256, seed=seed,
             logging_steps=1, save_steps=100_000, time_budget_seconds=seconds, progress_bar=False, save_final=False,
         )  # fmt: skip
-        report = train_head(model, tokenizer, examples, options)
+        report = train_head(model, tokenizer, examples, options, [snapshots] if snapshots else [])
     return model.eval(), report
 
 
@@ -92,11 +96,48 @@ def best_point(method: str) -> tuple[float, float | None]:
     return best["lr"], best["init_std"]
 
 
-def scores(model, tokenizer, data: dict, args) -> dict:
-    """bench_quality's metrics, plus the count of solved problems and its Wilson interval."""
-    result = evaluate_all(model, tokenizer, {"gsm8k_ppl": data["test"], "math500": data["math500"]}, args, False)
+def scores(model, tokenizer, data: dict, args, generate: bool = True) -> dict:
+    """bench_quality's metrics, plus the count of solved problems and its Wilson interval (no answers: None)."""
+    settings = argparse.Namespace(**{**vars(args), "gen": args.gen if generate else 0})
+    result = evaluate_all(model, tokenizer, {"gsm8k_ppl": data["test"], "math500": data["math500"]}, settings, False)
+    if not result["n"]:
+        return {**result, "solved": None, "exact_match_interval": None}
     solved = round(result["exact_match"] * result["n"])
     return {**result, "solved": solved, "exact_match_interval": wilson_interval(solved, result["n"])}
+
+
+class _Snapshots(TrainerCallback):
+    """Copies the trained weights as each wall-clock budget is spent, counted as train_head's time budget counts.
+
+    The rate is constant (no warm-up, no decay), so the weights after 4 minutes of a 15-minute run are those of a
+    4-minute run with the same seed: one run gives every budget and the curve between them.
+    """
+
+    def __init__(self, model, budgets: list[float]) -> None:
+        self.model, self.pending, self.taken = model, sorted(budgets), {}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start = time.monotonic()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        elapsed = time.monotonic() - self.start
+        while self.pending and elapsed >= 60 * self.pending[0]:
+            self.take(self.pending.pop(0), state.global_step, elapsed)
+
+    def take(self, minutes: float, steps: int, seconds: float) -> None:
+        weights = {n: p.detach().clone() for n, p in self.model.named_parameters() if p.requires_grad}
+        self.taken[minutes] = {"steps": steps, "train_seconds": seconds, "weights": weights}
+
+
+def snapshot_file(args, method: str, seed: int, minutes: float):
+    return Path(args.snapshots) / f"{ATTACH[method].replace(' ', '-')}-seed{seed}-{minutes:g}min.safetensors"
+
+
+def load_snapshot(model, weights: dict) -> None:
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            parameters[name].copy_(value)
 
 
 def compare(args, tokenizer, train_examples, data) -> None:
@@ -108,29 +149,62 @@ def compare(args, tokenizer, train_examples, data) -> None:
             chosen[method] = best_point(method)
     results["settings"] = vars(args) | {"base": EMBEDDED_DEFAULT, "chosen": {m: list(p) for m, p in chosen.items()}}
     runs = results.setdefault("runs", [])
+    generate_at = set(args.minutes if args.gen_at is None else args.gen_at)
     if not any(run["method"] == "base" for run in runs):
         start = time.monotonic()
         runs.append({"method": "base", "seed": None, **scores(load_base("smollm2"), tokenizer, data, args),
                      "eval_seconds": time.monotonic() - start})  # fmt: skip
         save_result(args.output, results)
-    for minutes in args.minutes:
-        for seed in args.seeds:
-            for method in args.methods:
-                if any(r["method"] == method and r["seed"] == seed and r["minutes"] == minutes for r in runs):
-                    continue
-                lr, init_std = chosen[method]
-                print(f"== {method}, {minutes:g} min, seed {seed}, lr {lr:g}", file=sys.stderr, flush=True)
-                model, report = train(method, lr, init_std, seed, train_examples, tokenizer, 100_000, 60 * minutes)
+    Path(args.snapshots).mkdir(parents=True, exist_ok=True)
+    for seed in args.seeds:
+        for method in args.methods:
+            done = {r["minutes"] for r in runs if r["method"] == method and r["seed"] == seed}
+            needed = [m for m in args.minutes if m not in done]
+            if not needed:
+                continue
+            lr, init_std = chosen[method]
+            print(f"== {method}, seed {seed}, lr {lr:g}: {max(needed):g} min, scored at {needed}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+            snapshots = _Snapshots(None, needed)
+            model, report = train(method, lr, init_std, seed, train_examples, tokenizer, 100_000, 60 * max(needed),
+                                  snapshots)  # fmt: skip
+            for minutes in snapshots.pending:  # the budget's last step: the weights training ended with
+                snapshots.take(minutes, report.steps, report.seconds)
+            for minutes in needed:
+                taken = snapshots.taken[minutes]
+                save_file(taken["weights"], snapshot_file(args, method, seed, minutes))
+                load_snapshot(model, taken["weights"])
                 start = time.monotonic()
                 runs.append({
                     "method": method, "seed": seed, "minutes": minutes, "lr": lr, "init_std": init_std,
-                    "trainable": trainable_parameters(model), "steps": report.steps,
-                    "train_seconds": report.seconds, "losses": report.losses,
-                    **scores(model, tokenizer, data, args), "eval_seconds": time.monotonic() - start,
+                    "trainable": trainable_parameters(model), "steps": taken["steps"],
+                    "train_seconds": taken["train_seconds"], "losses": report.losses[: taken["steps"]],
+                    **scores(model, tokenizer, data, args, minutes in generate_at),
+                    "eval_seconds": time.monotonic() - start,
                 })  # fmt: skip
                 save_result(args.output, results)
-                del model
-                gc.collect()
+            del model
+            gc.collect()
+    answer_missing(args, tokenizer, data, results, generate_at, chosen)
+
+
+def answer_missing(args, tokenizer, data, results, generate_at: set, chosen: dict) -> None:
+    """Scores again, answers included, the saved snapshots of runs first scored without answers (--gen-at)."""
+    for run in results["runs"]:
+        if run["method"] == "base" or run["n"] or run["minutes"] not in generate_at:
+            continue
+        file = snapshot_file(args, run["method"], run["seed"], run["minutes"])
+        if not file.exists():
+            print(f"no snapshot {file}: train {run['method']} seed {run['seed']} again to answer", file=sys.stderr)
+            continue
+        print(f"== answers: {run['method']}, seed {run['seed']}, {run['minutes']:g} min", file=sys.stderr, flush=True)
+        model = attach(load_base("smollm2"), ATTACH[run["method"]], seed=run["seed"], init_std=run["init_std"])
+        load_snapshot(model, load_file(str(file)))
+        start = time.monotonic()
+        run.update(scores(model.eval(), tokenizer, data, args), eval_seconds=time.monotonic() - start)
+        save_result(args.output, results)
+        del model
+        gc.collect()
 
 
 def main() -> None:
@@ -143,6 +217,18 @@ def main() -> None:
     parser.add_argument("--head-lr", type=float, help="the head's learning rate (default: the sweep's best)")
     parser.add_argument("--head-init-std", type=float, default=0.02, help="with --head-lr: the head's init_std")
     parser.add_argument("--lora-lr", type=float, help="LoRA's learning rate (default: the sweep's best)")
+    parser.add_argument(
+        "--gen-at",
+        type=float,
+        nargs="+",
+        help="budgets (minutes) whose runs also answer --gen problems (default: every budget); the "
+        "others are scored without answers and their snapshots answer in a later run that names them",
+    )
+    parser.add_argument(
+        "--snapshots",
+        default=str(Path(tempfile.gettempdir()) / "bench_tuned_snapshots"),
+        help="folder for the trained weights at each budget (not in the repository)",
+    )
     parser.add_argument("--ppl", type=int, default=200, help="GSM8K test problems for perplexity")
     parser.add_argument("--gen", type=int, default=200, help="GSM8K test problems answered greedily")
     parser.add_argument("--math500", type=int, default=100, help="MATH-500 problems for solution perplexity")
