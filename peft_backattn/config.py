@@ -101,12 +101,13 @@ class BackAttnConfig(PeftConfig):
         },
     )
     init_std: float = field(
-        default=0.02,
+        default=0.1,
         metadata={
             "help": (
                 "Standard deviation of the random initial W_K and W_V (and of W_Q where it does not start at zero, "
                 "and the mixture gate). The scores Q K^T move with the square of it, so a larger start lets a "
-                "residual head learn faster at the same learning rate."
+                "residual head learn faster at the same learning rate; 0.1 beat 0.02 at both tuned learning rates "
+                "(docs/results.md)."
             )
         },
     )
