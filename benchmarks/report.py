@@ -74,13 +74,13 @@ def swap_table(result: dict) -> str:
             + markdown_table(header, rows))  # fmt: skip
 
 
-def _spread(values: list[float]) -> str:
+def _spread(values: list[float], form: str = ".3g") -> str:
     values = [v for v in values if v is not None]
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.3g}"
-    return f"{statistics.mean(values):.3g} ({min(values):.3g}-{max(values):.3g})"
+        return f"{values[0]:{form}}"
+    return f"{statistics.mean(values):{form}} ({min(values):{form}}-{max(values):{form}})"
 
 
 def quality_groups(result: dict) -> dict[str, list[dict]]:
@@ -239,32 +239,71 @@ def _tail(losses: list[float], last: int = 10) -> float:
 
 
 def tuned_table(result: dict) -> str:
-    """`bench_tuned.py compare`: mean (min-max) over seeds per method and budget; exact match as solved/n with the
-    Wilson interval of the pooled count."""
+    """`bench_tuned.py compare`: mean (min-max) over seeds per method and budget; exact match per answered run and
+    the Wilson interval of their pooled count (runs scored without answers show in `seeds` only)."""
     settings = result["settings"]
     groups: dict[tuple, list[dict]] = {}
-    for run in result["runs"]:
+    for run in sorted(result["runs"], key=lambda r: (r.get("minutes") or 0, r["method"])):
         groups.setdefault((run["method"], run.get("minutes")), []).append(run)
     rows = []
     for (method, minutes), runs in groups.items():
         trained = minutes is not None
-        solved, scored = sum(r["solved"] for r in runs), sum(r["n"] for r in runs)
-        low, high = wilson_interval(solved, scored)
+        answered = [r for r in runs if r["n"]]
+        if answered:
+            solved, scored = sum(r["solved"] for r in answered), sum(r["n"] for r in answered)
+            low, high = wilson_interval(solved, scored)
+            per_run = " + ".join(str(r["solved"]) for r in answered)
+            exact = f"{per_run} of {answered[0]['n']} each: {solved / scored:.3f} [{low:.3f}, {high:.3f}]"
+            lines = _spread([r["answer_lines"] for r in answered], ".2f")
+        else:
+            exact = lines = "not answered"
         rows.append([
             method, f"{minutes:g}" if trained else "-", len(runs) if trained else "-",
             f"{runs[0]['lr']:g}" if trained else "-", _spread([r["steps"] for r in runs]) if trained else "-",
-            _spread([r["perplexity"] for r in runs]),
-            f"{solved}/{scored} = {solved / scored:.3f} [{low:.3f}, {high:.3f}]",
-            _spread([r["answer_lines"] for r in runs]), _spread([r["math500_perplexity"] for r in runs]),
+            _spread([r["perplexity"] for r in runs], ".3f"), exact, lines,
+            _spread([r["math500_perplexity"] for r in runs], ".3f"),
         ])  # fmt: skip
     header = ["method", "minutes", "seeds", "lr", "steps", f"GSM8K test perplexity ({settings['ppl']} problems)",
-              "exact match, all seeds pooled [Wilson 95 %]", "answers in a `#### N` line",
+              "exact match: solved per seed, pooled [Wilson 95 %]", "answers in a `#### N` line",
               f"MATH-500 perplexity ({settings['math500']})"]  # fmt: skip
-    command = (
-        f"python bench_tuned.py compare --minutes {' '.join(f'{m:g}' for m in settings['minutes'])} "
-        f"--seeds {' '.join(map(str, settings['seeds']))} --gen {settings['gen']} --ppl {settings['ppl']}"
-    )
-    return f"Mean (min-max) over seeds; `{command}`\n\n" + markdown_table(header, rows)
+    return "Mean (min-max) over seeds; the commands are above the table.\n\n" + markdown_table(header, rows)
+
+
+def tuned_plot(result: dict) -> None:
+    """GSM8K test perplexity against training minutes (every seed; the base at 0) and seed 0's training loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMAGES.mkdir(exist_ok=True)
+    base = next(r["perplexity"] for r in result["runs"] if r["method"] == "base")
+    figure, (curve, loss) = plt.subplots(1, 2, figsize=(11, 4.5))
+    methods = sorted({r["method"] for r in result["runs"] if r["method"] != "base"})
+    for color, method in zip(("tab:blue", "tab:orange"), methods, strict=False):
+        runs = [r for r in result["runs"] if r["method"] == method]
+        for seed in sorted({r["seed"] for r in runs}):
+            points = sorted((r["minutes"], r["perplexity"]) for r in runs if r["seed"] == seed)
+            style = "-o" if len(points) > 1 else "o"
+            label = f"{method}, seed {seed}"
+            curve.plot([0] + [m for m, _ in points], [base] + [p for _, p in points], style, color=color,
+                       alpha=1.0 if seed == 0 else 0.5, label=label)  # fmt: skip
+        longest = max((r for r in runs if r["seed"] == 0), key=lambda r: r["minutes"])
+        per_step = longest["train_seconds"] / max(1, longest["steps"]) / 60
+        steps = range(1, len(longest["losses"]) + 1)
+        loss.plot([per_step * i for i in steps], _smooth(longest["losses"], 10), color=color, label=method)
+    curve.axhline(base, color="gray", linestyle="--", linewidth=0.8, label="base, untrained")
+    curve.set_xlabel("training minutes (2 quiet CPU cores)")
+    curve.set_ylabel("GSM8K test perplexity (lower is better)")
+    curve.set_title("Equal wall clock, each method at its tuned rate")
+    curve.legend(fontsize=7)
+    loss.set_xlabel("training minutes (steps spread evenly over the run)")
+    loss.set_ylabel("training loss, moving average of 10 steps")
+    loss.set_title("Seed 0, the longest run")
+    loss.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(IMAGES / "tuned_curves.png", dpi=120)
+    plt.close(figure)
 
 
 def base_forward_seconds(speed: dict) -> float:
@@ -300,6 +339,7 @@ def main() -> None:
     tuned = load("tuned")
     if tuned:
         blocks["tuned"] = tuned_table(tuned)
+        tuned_plot(tuned)
     plots(load("speed-smollm2"), load("memory-smollm2"), quality)
 
     path = DOCS / "results.md"
