@@ -253,7 +253,8 @@ def tuned_table(result: dict) -> str:
             solved, scored = sum(r["solved"] for r in answered), sum(r["n"] for r in answered)
             low, high = wilson_interval(solved, scored)
             per_run = " + ".join(str(r["solved"]) for r in answered)
-            exact = f"{per_run} of {answered[0]['n']} each: {solved / scored:.3f} [{low:.3f}, {high:.3f}]"
+            each = " each" if len(answered) > 1 else ""
+            exact = f"{per_run} of {answered[0]['n']}{each}: {solved / scored:.3f} [{low:.3f}, {high:.3f}]"
             lines = _spread([r["answer_lines"] for r in answered], ".2f")
         else:
             exact = lines = "not answered"
