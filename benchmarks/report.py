@@ -148,8 +148,7 @@ def plots(speed: dict | None, memory: dict | None, quality: dict | None) -> None
             run = runs[0]
             if not run.get("losses"):
                 continue
-            per_step = run["train_seconds"] / max(1, run["steps"])
-            axis.plot([per_step * (i + 1) / 60 for i in range(len(run["losses"]))], _smooth(run["losses"]), label=name)
+            axis.plot(*_loss_curve(run), label=name)
         axis.set_xlabel("training time (minutes, 2 CPU cores)")
         axis.set_ylabel("training loss (moving average of 5 steps, log scale)")
         axis.set_yscale("log")
@@ -290,9 +289,7 @@ def tuned_plot(result: dict) -> None:
             curve.plot([0] + [m for m, _ in points], [base] + [p for _, p in points], style, color=color,
                        alpha=1.0 if seed == 0 else 0.5, label=label)  # fmt: skip
         longest = max((r for r in runs if r["seed"] == 0), key=lambda r: r["minutes"])
-        per_step = longest["train_seconds"] / max(1, longest["steps"]) / 60
-        steps = range(1, len(longest["losses"]) + 1)
-        loss.plot([per_step * i for i in steps], _smooth(longest["losses"], 10), color=color, label=method)
+        loss.plot(*_loss_curve(longest, window=10), color=color, label=method)
     curve.axhline(base, color="gray", linestyle="--", linewidth=0.8, label="base, untrained")
     curve.set_xlabel("training minutes (2 quiet CPU cores)")
     curve.set_ylabel("GSM8K test perplexity (lower is better)")
@@ -314,6 +311,12 @@ def base_forward_seconds(speed: dict) -> float:
 
 def _smooth(values: list[float], window: int = 5) -> list[float]:
     return [statistics.mean(values[max(0, i - window + 1) : i + 1]) for i in range(len(values))]
+
+
+def _loss_curve(run: dict, window: int = 5) -> tuple[list[float], list[float]]:
+    """A run's logged losses (moving average of `window`) against minutes, its steps spread evenly over its time."""
+    minutes_per_step = run["train_seconds"] / max(1, run["steps"]) / 60
+    return [minutes_per_step * (i + 1) for i in range(len(run["losses"]))], _smooth(run["losses"], window)
 
 
 def main() -> None:
