@@ -167,7 +167,9 @@ def test_a_spent_time_budget_scores_one_perplexity_batch_and_no_answers(two_head
     """A spent budget still gives every model a perplexity (one batch, the same problems) and skips generation."""
     model, tokenizer = two_heads
     examples = generate_examples(6, split="test")
-    settings = dict(max_new_tokens=2, batch_size=2, max_length=128, progress=False)
+    settings = dict(max_new_tokens=2, batch_size=2, max_length=64, progress=False)
+    _, report = tokenize_examples(examples, tokenizer, 64)
+    assert report.truncated == 6, "the premise: 64 tokens cut every one of these examples"
     cut = evaluate_heads(model, tokenizer, examples, ["base", "math", "code"], time_budget_seconds=0.0, **settings)
     whole = evaluate_heads(model, tokenizer, examples[:2], ["base", "math", "code"], generation_limit=0, **settings)
     assert [(r.n, r.perplexity_problems, r.exact_match, r.f1) for r in cut.values()] == [(0, 2, None, None)] * 3
