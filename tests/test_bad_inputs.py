@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow
+import pyarrow.ipc
 import pyarrow.parquet
 import pytest
 from conftest import build_tokenizer, save_tiny_lm
@@ -429,3 +430,54 @@ def test_a_full_disk_while_writing_the_metrics_names_the_file(world, tmp_path, m
     err = capsys.readouterr().err
     assert err == f"peft-backattn: error: could not write {output} (no space left on device)\n"
     assert not output.exists()
+
+
+# ---- cached features computed from something else, or damaged (issue 18, items 5 and 6) ---------------------------
+# Each setup trains once with --feature-cache {tmp}/features (to {tmp}/first), then changes the base or the cache; the
+# command reusing the cache must refuse it in one line before anything trains ({tmp}/head is never created).
+FEATURE_CACHE = [*TRAIN_OUT, "--steps", "1", "--feature-cache", "{tmp}/features"]
+
+
+def a_feature_cache_and(change: Callable[[Path, World], None]) -> Callable[[Path, World], None]:
+    def setup(tmp: Path, world: World) -> None:
+        command = [*TRAIN, "--output", tmp / "first", "--steps", "1", "--feature-cache", tmp / "features"]
+        assert main([fill(str(a), tmp, world) for a in command]) == 0
+        change(tmp, world)
+
+    return setup
+
+
+def same_weights_other_rope_theta_and_eps(tmp: Path, world: World) -> None:
+    """{tmp}/model: the very same weights and tokenizer, under another rope_theta and rms_norm_eps."""
+    shutil.copytree(world.model, tmp / "model")
+    config = json.loads((tmp / "model" / "config.json").read_text())
+    config["rope_parameters"]["rope_theta"] = 500000.0
+    config["rms_norm_eps"] = 1e-5
+    (tmp / "model" / "config.json").write_text(json.dumps(config))
+
+
+def flip_4000_bytes_inside_the_rows(tmp: Path, world: World) -> None:
+    """The lowest bit of 4,000 bytes flipped from the first stored row on: same size, still a valid Arrow file."""
+    path = tmp / "features" / "features.arrow"
+    data = bytearray(path.read_bytes())
+    first = next(pyarrow.ipc.open_stream(pyarrow.BufferReader(bytes(data)))).column("hidden")[0].values
+    start = data.index(first.to_numpy().tobytes())
+    data[start : start + 4000] = bytes(byte ^ 1 for byte in data[start : start + 4000])
+    path.write_bytes(bytes(data))
+
+
+FEATURE_CACHE_CASES = [
+    Case("feature-cache-of-the-same-weights-under-another-config",
+         [*FEATURE_CACHE, "--model", "{tmp}/model"],
+         "holds features of another base model config (rms_norm_eps, rope_parameters.rope_theta); choose another",
+         a_feature_cache_and(same_weights_other_rope_theta_and_eps)),
+    Case("feature-cache-with-4000-bytes-flipped", FEATURE_CACHE,
+         "{tmp}/features is damaged (features.arrow does not match the sha256 recorded in fingerprint.json)",
+         a_feature_cache_and(flip_4000_bytes_inside_the_rows)),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", FEATURE_CACHE_CASES, ids=[case.id for case in FEATURE_CACHE_CASES])
+def test_a_feature_cache_of_another_base_or_damaged_is_refused(case, world, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    check_refused(case, world, tmp_path, capsys)

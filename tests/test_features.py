@@ -3,6 +3,7 @@ folder is reused, refused or cleaned up as promised."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -14,7 +15,8 @@ import torch
 from conftest import randomize_heads
 from peft import PeftModel, get_peft_model
 from test_scored_positions import tiny_chat_llama
-from transformers import TrainerCallback
+from tokenizers import normalizers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from peft_backattn import BackAttnConfig
 from peft_backattn.workbench import features as features_module
@@ -78,7 +80,12 @@ def test_the_cache_holds_exactly_its_columns_and_files(tmp_path):
     fingerprint = json.loads((tmp_path / "softmax" / FINGERPRINT_FILE).read_text())
     assert set(fingerprint) == {"source", "contents"}
     assert set(fingerprint["source"]) == {"format", "base", "tokenizer", "max_length", "data"}
-    assert set(fingerprint["contents"]) == {"positions", "hidden_size", "hidden_dtype", "stored_dtype", "weighted"}
+    assert set(fingerprint["source"]["base"]) == {"model_type", "name_or_path", "dtypes", "config", "weights"}
+    assert set(fingerprint["source"]["tokenizer"]) == {"class", "size", "state", "chat_template", "special_tokens"}
+    assert set(fingerprint["source"]["data"]) == {"examples", "tokens"}
+    assert set(fingerprint["contents"]) == {
+        "positions", "hidden_size", "hidden_dtype", "stored_dtype", "weighted", "checksum"
+    }  # fmt: skip
     row = softmax.rows[0]
     assert row["hidden"].shape == (32,) and row["hidden"].dtype == torch.float32
     assert row["target"].dtype == torch.int64 and row["weighted"].shape == (32,)
@@ -187,6 +194,170 @@ def test_a_cache_is_reused_for_the_same_inputs_and_refused_for_others(tmp_path, 
         message = str(refused.value)
         assert "\n" not in message and case.phrase in message and "choose another folder" in message
     assert (folder / FEATURES_FILE).stat().st_mtime_ns == written  # refused without touching the cache
+
+
+def same_weights_under(changes: dict, seed: int = 0):
+    """The head model of `seed` rebuilt from a changed copy of its base's config, with the very same weights."""
+    model, tokenizer = head_model(seed)
+    config = model.get_base_model().config.to_dict()
+    for key, value in changes.items():
+        if key == "rope_theta":
+            config["rope_parameters"] = {**config["rope_parameters"], "rope_theta": value}
+        else:
+            config[key] = value
+    base = LlamaForCausalLM(LlamaConfig.from_dict(config))
+    base.load_state_dict(tiny_chat_llama()[0].state_dict())
+    other = get_peft_model(base, BackAttnConfig(**HEADS["softmax residual"]))
+    other.load_state_dict(model.state_dict())
+    return other, tokenizer
+
+
+@pytest.mark.parametrize(
+    "changes, keys",
+    [
+        ({"rope_theta": 500000.0, "rms_norm_eps": 1e-5}, "rms_norm_eps, rope_parameters.rope_theta"),
+        ({"rope_theta": 500000.0}, "rope_parameters.rope_theta"),
+        ({"rms_norm_eps": 1e-5}, "rms_norm_eps"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+    ],
+    ids=["rope-theta-and-eps", "rope-theta", "rms-norm-eps", "activation"],
+)
+def test_the_same_weights_under_another_config_are_refused(tmp_path, changes, keys):
+    """Issue 18 item 5: the weights alone do not make the hidden states; the config does too."""
+    model, tokenizer = head_model()
+    dataset = tokenized(tokenizer)
+    folder = tmp_path / "features"
+    cached = cache_features(model, tokenizer, dataset, folder, max_length=MAX_LENGTH)
+    other, _ = same_weights_under(changes)
+    assert features_module._base_weights_digest(other) == features_module._base_weights_digest(model)
+    fresh = cache_features(other, tokenizer, dataset, tmp_path / "fresh", max_length=MAX_LENGTH)
+    moved = (fresh.rows[:]["hidden"] - cached.rows[:]["hidden"]).norm(dim=-1).max()
+    assert moved > 1e-3  # what reusing the cache would have trained on: another base's hidden states
+    written = (folder / FEATURES_FILE).stat().st_mtime_ns
+    with pytest.raises(ValueError) as refused:
+        cache_features(other, tokenizer, dataset, folder, max_length=MAX_LENGTH)
+    assert str(refused.value) == (
+        f"--feature-cache {folder} holds features of another base model config ({keys}); choose another folder "
+        "(or delete this one)."
+    )
+    assert (folder / FEATURES_FILE).stat().st_mtime_ns == written
+
+
+def test_a_copied_or_reloaded_base_reuses_the_cache(tmp_path, capsys):
+    """What saving and loading a base changes in its config (its name, `architectures`, `dtype`) is not the model."""
+    model, tokenizer = head_model()
+    dataset = tokenized(tokenizer)
+    cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH)
+    model.get_base_model().save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    reloaded = get_peft_model(base, BackAttnConfig(**HEADS["softmax residual"]))
+    reloaded.get_base_model().config.use_cache = False  # a runtime switch, not the model
+    again = cache_features(
+        reloaded, AutoTokenizer.from_pretrained(tmp_path / "base"), dataset, tmp_path / "features",
+        max_length=MAX_LENGTH,
+    )  # fmt: skip
+    assert not again.computed and "Feature cache: reusing" in capsys.readouterr().out
+
+
+def test_a_base_in_another_dtype_is_refused(tmp_path):
+    model, tokenizer = head_model()
+    dataset = tokenized(tokenizer, count=4)
+    cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH)
+    model.to(torch.bfloat16)
+    with pytest.raises(ValueError, match=r"holds features of a float32 base \(this one is bfloat16\); choose"):
+        cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH)
+
+
+def other_normalizer(tokenizer) -> None:
+    tokenizer.backend_tokenizer.normalizer = normalizers.Lowercase()  # the same vocabulary, other tokens for "Tom"
+
+
+def other_chat_template(tokenizer) -> None:
+    tokenizer.chat_template = tokenizer.chat_template.replace("<|assistant|>", "<|assistant|>\n")
+
+
+def other_special_tokens(tokenizer) -> None:
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|user|>"]})  # <|assistant|> no longer special
+
+
+@pytest.mark.parametrize(
+    "change, keys",
+    [
+        (other_normalizer, "state"),
+        (other_chat_template, "chat_template"),
+        (other_special_tokens, "special_tokens.all"),
+    ],
+    ids=["normalizer", "chat-template", "special-tokens"],
+)
+def test_another_tokenizer_with_the_same_vocabulary_is_refused(tmp_path, change, keys):
+    """The data's tokens are checked too; the tokenizer is compared whole: its files, chat template, special tokens."""
+    model, tokenizer = head_model()
+    dataset = tokenized(tokenizer, count=4)
+    cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH)
+    vocabulary = tokenizer.get_vocab()
+    change(tokenizer)
+    assert tokenizer.get_vocab() == vocabulary
+    with pytest.raises(ValueError, match=rf"holds features of another tokenizer \({keys}\); choose another folder"):
+        cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH)
+
+
+def test_another_attention_mask_is_other_data(tmp_path):
+    """The pass reads the attention mask as well as the tokens, so it is part of the data's fingerprint."""
+    model, tokenizer = head_model()
+    dataset = tokenized(tokenizer, count=4)
+    cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH)
+    masked = dataset.map(lambda row: {"attention_mask": [0] + row["attention_mask"][1:]})
+    with pytest.raises(ValueError, match="holds features of other training data; choose another folder"):
+        cache_features(model, tokenizer, masked, tmp_path / "features", max_length=MAX_LENGTH)
+
+
+def flip_bytes(path: Path, count: int = 4000) -> None:
+    """The lowest bit of `count` bytes flipped, from the first row's hidden state on: the same size, the same Arrow
+    layout (every record batch still reads), other values."""
+    data = bytearray(path.read_bytes())
+    first_row = open_features(path.parent, verify=False).rows[0]["hidden"].numpy().tobytes()
+    start = data.index(first_row)
+    data[start : start + count] = bytes(byte ^ 1 for byte in data[start : start + count])
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bytes_in_the_cache_are_refused_before_training(tmp_path):
+    """Issue 18 item 6: same size, other bytes: the checksum recorded at writing time no longer matches."""
+    model, tokenizer = head_model()
+    examples = generate_examples(8)
+    train_head(model, tokenizer, examples, options(tmp_path, max_steps=1, output_dir=str(tmp_path / "first")))
+    cache = tmp_path / "features" / FEATURES_FILE
+    rows, size = open_features(cache.parent, verify=False).rows[:], cache.stat().st_size
+    flip_bytes(cache)
+    damaged = open_features(cache.parent, verify=False).rows[:]  # read as it is, it is a valid cache of other rows
+    assert cache.stat().st_size == size and not torch.equal(damaged["hidden"], rows["hidden"])
+    again, _ = head_model()
+    before = head_weights(again)
+    with pytest.raises(ValueError) as refused:
+        train_head(again, tokenizer, examples, options(tmp_path, max_steps=1))
+    assert str(refused.value) == (
+        f"--feature-cache {tmp_path / 'features'} is damaged ({FEATURES_FILE} does not match the sha256 recorded in "
+        f"{FINGERPRINT_FILE}); delete it or choose another folder."
+    )
+    assert not (tmp_path / "head").exists()  # nothing trained, nothing written
+    for key, value in head_weights(again).items():
+        assert torch.equal(value, before[key]), key
+    with pytest.raises(ValueError, match="does not match the sha256"):
+        open_features(tmp_path / "features")  # opening it directly checks it too
+
+
+def test_the_recorded_checksum_is_the_files_sha256(tmp_path, capsys):
+    """So that `sha256sum features.arrow` checks a cache by hand; a reuse says what its check cost."""
+    model, tokenizer = head_model()
+    folder = tmp_path / "features"
+    cache_features(model, tokenizer, tokenized(tokenizer), folder, max_length=MAX_LENGTH)
+    recorded = json.loads((folder / FINGERPRINT_FILE).read_text())["contents"]["checksum"]
+    data = (folder / FEATURES_FILE).read_bytes()
+    assert recorded == {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    capsys.readouterr()
+    cache_features(model, tokenizer, tokenized(tokenizer), folder, max_length=MAX_LENGTH)
+    assert "checked against its sha256 in " in capsys.readouterr().out
 
 
 def test_a_raw_head_reuses_a_softmax_cache_and_a_softmax_head_a_raw_one(tmp_path, capsys):

@@ -23,8 +23,8 @@ one of a softmax head's vocabulary-sized products per position in every later ep
 cross-entropy against the target). Its model is the PeftModel itself, so the weights it trains are the head's own
 parameters, its checkpoints are the usual head checkpoints, and `save_head` and `PeftModel.from_pretrained` work
 unchanged. A folder holds `features.arrow` and `fingerprint.json`, the latter written last: what the rows were
-computed from (the base's weights, the tokenizer, `max_length` and the tokenised data, each hashed), which decides
-whether a later run may reuse them.
+computed from (the base's weights, dtype and config, the tokenizer, `max_length` and the tokenised data), which decides
+whether a later run may reuse them, and the sha256 of `features.arrow`, checked before every reuse.
 """
 
 from __future__ import annotations
@@ -62,7 +62,19 @@ from .scored_positions import trained_positions, trained_targets
 FEATURES_FILE = "features.arrow"
 FINGERPRINT_FILE = "fingerprint.json"
 STAGING_PREFIX = ".writing-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the base's config and dtypes, the whole tokenizer, the attention mask; the file's sha256
+# Config entries that cannot change a hidden state, left out of the fingerprint so that the same base compares equal
+# however it was built: where it was loaded from, what saving it records (the class to build, the dtype to load in:
+# the parameters' own dtypes are compared instead, the library version), and switches that choose what a forward
+# returns, not what it computes (the feature pass sets `use_cache=False` itself).
+_CONFIG_KEYS_LEFT_OUT = frozenset(
+    {"_name_or_path", "architectures", "dtype", "torch_dtype", "transformers_version"}
+    | {"use_cache", "output_attentions", "output_hidden_states", "return_dict"}
+)
+# Settings of the fast tokenizer's backend that the last call left behind, not the tokenizer: tokenize_examples
+# truncates by itself and the collator pads, and their effect is in the tokenised data, which is compared.
+_TOKENIZER_CALL_STATE = ("truncation", "padding")
+_CHECKSUM_CHUNK = 1 << 22  # 4 MiB read at a time: the check's memory stays small however large the cache is
 # torch dtype of the hidden states -> the Arrow type they are stored as (exactly: bf16 widens to fp32 without loss)
 _STORED_AS = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64", torch.bfloat16: "float32"}
 _DISK_MARGIN = 1.01  # refuse unless the disk holds the estimated size plus 1 % (Arrow's own bookkeeping is smaller)
@@ -73,7 +85,8 @@ class CachedFeatures:
     """An opened feature cache: the memory-mapped rows and what they were computed from.
 
     `fingerprint["source"]` identifies the base, tokenizer, max_length and data; `fingerprint["contents"]` says what
-    the rows hold (widths, dtypes, whether there is a `weighted` column and for which `rms_norm_eps`).
+    the rows hold (widths, dtypes, whether there is a `weighted` column and for which `rms_norm_eps`) and the file's
+    size and sha256.
     """
 
     directory: Path
@@ -173,24 +186,28 @@ def _is_ours(name: str) -> bool:
 def feature_fingerprint(
     model: PeftModel, tokenizer: PreTrainedTokenizerBase, dataset: Dataset, max_length: int
 ) -> dict[str, Any]:
-    """What cached rows depend on: the base's weights, the tokenizer, `max_length` and the tokenised data, hashed.
+    """What cached rows depend on: the base (weights, their dtypes, its config), the tokenizer, `max_length` and the
+    tokenised data.
 
     Hashing every base weight reads the whole model once (about a second for SmolLM2-135M); it is what makes "the
-    same base" mean the same weights, not the same name. `name_or_path` is recorded for the reader only.
+    same base" mean the same weights, not the same name. The same weights under another config (`rope_theta`,
+    `rms_norm_eps`, the activation, ...) compute other hidden states, so the config is compared whole, less what
+    cannot change them (`_CONFIG_KEYS_LEFT_OUT`). `name_or_path` is recorded for the reader only.
     """
-    config = model.get_base_model().config
+    base = model.get_base_model()
+    config = base.config
     return {
         "format": FORMAT_VERSION,
         "base": {
-            "model_type": getattr(config, "model_type", type(model.get_base_model()).__name__),
+            "model_type": getattr(config, "model_type", type(base).__name__),
             "name_or_path": getattr(config, "_name_or_path", ""),
+            "dtypes": sorted(
+                {str(tensor.dtype).removeprefix("torch.") for tensor in _base_parameters(model).values()}
+            ),
+            "config": _config_state(config),
             "weights": _base_weights_digest(model),
         },
-        "tokenizer": {
-            "class": type(tokenizer).__name__,
-            "size": len(tokenizer),
-            "vocab": _tokenizer_digest(tokenizer),
-        },
+        "tokenizer": _tokenizer_state(tokenizer),
         "max_length": max_length,
         "data": {"examples": len(dataset), "tokens": _tokens_digest(dataset)},
     }
@@ -206,11 +223,17 @@ def _mismatch(cached: Mapping[str, Any], current: Mapping[str, Any]) -> str | No
     """What differs between two fingerprints, as a phrase; None when the cached rows may be reused."""
     if cached.get("format") != current["format"]:
         return f"format {cached.get('format')} (this version writes format {current['format']})"
-    base_keys = ("model_type", "weights")
-    if any(cached.get("base", {}).get(key) != current["base"][key] for key in base_keys):
-        return f"another base model ({cached.get('base', {}).get('name_or_path') or 'unnamed'})"
+    base, cached_base = current["base"], cached.get("base", {})
+    if cached_base.get("model_type") != base["model_type"]:
+        return f"another base model ({cached_base.get('name_or_path') or 'unnamed'})"
+    if cached_base.get("dtypes") != base["dtypes"]:
+        return f"a {'+'.join(cached_base.get('dtypes') or ['?'])} base (this one is {'+'.join(base['dtypes'])})"
+    if cached_base.get("config") != base["config"]:
+        return f"another base model config ({_differing_keys(cached_base.get('config'), base['config'])})"
+    if cached_base.get("weights") != base["weights"]:
+        return f"another base model ({cached_base.get('name_or_path') or 'unnamed'})"
     if cached.get("tokenizer") != current["tokenizer"]:
-        return "another tokenizer"
+        return f"another tokenizer ({_differing_keys(cached.get('tokenizer'), current['tokenizer'])})"
     if cached.get("max_length") != current["max_length"]:
         return f"--max-length {cached.get('max_length')}, not {current['max_length']}"
     if cached.get("data") != current["data"]:
@@ -218,35 +241,88 @@ def _mismatch(cached: Mapping[str, Any], current: Mapping[str, Any]) -> str | No
     return None
 
 
+def _differing_keys(cached: Any, current: Mapping[str, Any], shown: int = 3) -> str:
+    """The (dotted) keys whose values differ between two nested dicts, sorted; the first `shown` of them."""
+    old, new = _flat(cached if isinstance(cached, Mapping) else {}), _flat(current)
+    keys = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    return ", ".join(keys[:shown]) + (f" and {len(keys) - shown} more" if len(keys) > shown else "")
+
+
+def _flat(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, Mapping) and value:
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _digest(data: bytes | None = None) -> str:
     return hashlib.blake2b(data or b"", digest_size=16).hexdigest()
+
+
+def _config_state(config: Any) -> dict[str, Any]:
+    """The base's whole config as JSON values (as `config.json` holds it), less `_CONFIG_KEYS_LEFT_OUT`."""
+    state = json.loads(config.to_json_string(use_diff=False)) if hasattr(config, "to_json_string") else {}
+    return {key: value for key, value in state.items() if key not in _CONFIG_KEYS_LEFT_OUT}
+
+
+def _base_parameters(model: PeftModel) -> dict[str, torch.Tensor]:
+    """Every base parameter by name; the heads' weights are left out."""
+    parameters = model.get_base_model().named_parameters()
+    return {name: tensor for name, tensor in parameters if ".backattn_heads." not in name}
 
 
 def _base_weights_digest(model: PeftModel) -> str:
     """Every base parameter's name, dtype, shape and bytes; the heads' weights are left out."""
     hasher = hashlib.blake2b(digest_size=16)
-    for name, tensor in model.get_base_model().named_parameters():
-        if ".backattn_heads." in name:
-            continue
+    for name, tensor in _base_parameters(model).items():
         hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
         if tensor.device.type != "meta":  # offloaded weights: their names and shapes only
             hasher.update(tensor.detach().reshape(-1).cpu().view(torch.uint8).numpy())
     return hasher.hexdigest()
 
 
-def _tokenizer_digest(tokenizer: PreTrainedTokenizerBase) -> str:
-    vocab = sorted(tokenizer.get_vocab().items())
-    special = sorted((str(k), str(v)) for k, v in tokenizer.special_tokens_map.items())
-    return _digest(json.dumps([vocab, special]).encode())
+def _tokenizer_state(tokenizer: PreTrainedTokenizerBase) -> dict[str, Any]:
+    """The tokenizer whole: a fast one's serialised backend (vocabulary, merges, normaliser, pre-tokeniser,
+    post-processor, added tokens: its `tokenizer.json`), else its vocabulary; its chat template; its special tokens."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        serialised = {k: v for k, v in json.loads(backend.to_str()).items() if k not in _TOKENIZER_CALL_STATE}
+    else:
+        serialised = sorted(tokenizer.get_vocab().items())
+    template = getattr(tokenizer, "chat_template", None)
+    special = {str(k): str(v) for k, v in tokenizer.special_tokens_map.items()}
+    return {
+        "class": type(tokenizer).__name__,
+        "size": len(tokenizer),
+        "state": _digest(json.dumps(serialised, sort_keys=True).encode()),
+        "chat_template": _digest(json.dumps(template, sort_keys=True).encode()) if template else None,
+        "special_tokens": {**special, "all": sorted(map(str, tokenizer.all_special_tokens))},
+    }
 
 
 def _tokens_digest(dataset: Dataset) -> str:
+    """The token ids, labels and attention masks the pass reads (the mask only when the data carries one)."""
     hasher = hashlib.blake2b(digest_size=16)
-    for column in ("input_ids", "labels"):
+    for column in ("input_ids", "labels", "attention_mask"):
+        if column == "attention_mask" and column not in dataset.column_names:
+            continue
+        hasher.update(column.encode())
         for values in dataset[column]:
             array = np.asarray(values, dtype=np.int64)
             hasher.update(len(array).to_bytes(8, "little"))
             hasher.update(array.tobytes())
+    return hasher.hexdigest()
+
+
+def _file_checksum(path: str | os.PathLike) -> str:
+    """The sha256 of a file, read `_CHECKSUM_CHUNK` bytes at a time (what `sha256sum` prints)."""
+    hasher = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(_CHECKSUM_CHUNK):
+            hasher.update(chunk)
     return hasher.hexdigest()
 
 
@@ -285,8 +361,8 @@ def cache_features(
     a time) and written there.
 
     Prints the size before writing and refuses, in one line, a folder on a disk without room for it, a folder of
-    features computed from something else, and a folder `check_feature_folder` refuses. A pass that fails or is
-    interrupted removes what it wrote (and the folder, if it created it).
+    features computed from something else, a damaged one (`open_features`), and a folder `check_feature_folder`
+    refuses. A pass that fails or is interrupted removes what it wrote (and the folder, if it created it).
     """
     directory = Path(directory)
     check_feature_folder(directory)
@@ -296,14 +372,21 @@ def cache_features(
         dict(fingerprint) if fingerprint is not None else feature_fingerprint(model, tokenizer, dataset, max_length)
     )
     if (directory / FINGERPRINT_FILE).is_file():
-        features = open_features(directory)
-        problem = _mismatch(features.fingerprint["source"], source)
+        problem = _mismatch(_read_fingerprint(directory)["source"], source)
         if problem is not None:
             raise ValueError(
                 f"--feature-cache {directory} holds features of {problem}; choose another folder (or delete this one)."
             )
+        checking = time.monotonic()
+        features = open_features(directory)  # the file's sha256 checked against the fingerprint's first
+        checked = time.monotonic() - checking
         features.seconds = time.monotonic() - start
-        print(f"Feature cache: reusing {directory} ({features.positions:,} trained positions)", flush=True)
+        print(
+            f"Feature cache: reusing {directory} ({features.positions:,} trained positions; "
+            f"{_size(features.fingerprint['contents']['checksum']['bytes'])} checked against its sha256 in "
+            f"{checked:.1f} s)",
+            flush=True,
+        )
         return features
     for entry in directory.iterdir() if directory.is_dir() else ():  # what a killed pass left: never complete
         remove_path(entry)
@@ -344,6 +427,7 @@ def cache_features(
         written = _write_features(model, layer, name, tokenizer, dataset, staging, contents, batch_size, progress)
         if written != contents["positions"]:
             raise RuntimeError(f"the feature pass found {written} trained positions, not {contents['positions']}")
+        contents["checksum"] = {"sha256": _file_checksum(staging), "bytes": staging.stat().st_size}
         os.replace(staging, directory / FEATURES_FILE)
         _write_json(directory / FINGERPRINT_FILE, {"source": source, "contents": contents})  # last: complete
     except BaseException:
@@ -352,30 +436,63 @@ def cache_features(
         if created is not None:
             remove_empty_folders(directory, created)
         raise
-    features = open_features(directory)
+    features = open_features(directory, verify=False)  # its checksum was just taken from the file itself
     features.computed, features.seconds = True, time.monotonic() - start
     print(f"Feature cache: {features.positions:,} positions written in {features.seconds:.0f} s", flush=True)
     return features
 
 
-def open_features(directory: str | os.PathLike) -> CachedFeatures:
-    """The cache in `directory`, memory-mapped; a damaged one is a one-line ValueError."""
+def open_features(directory: str | os.PathLike, *, verify: bool = True) -> CachedFeatures:
+    """The cache in `directory`, memory-mapped; a damaged one is a one-line ValueError.
+
+    `verify` first reads `features.arrow` whole and compares its size and sha256 with those recorded when it was
+    written (0.7 s per GB on 2 CPU cores, see docs/training.md): bytes changed in place leave a file Arrow still reads.
+    """
     directory = Path(directory)
+    fingerprint = _read_fingerprint(directory)
+    contents = fingerprint["contents"]
+    if verify:
+        _verify_checksum(directory, contents)
     try:
-        fingerprint = json.loads((directory / FINGERPRINT_FILE).read_text())
-        contents = fingerprint["contents"]
         columns = ["hidden", "target"] + (["weighted"] if contents["weighted"] is not None else [])
         rows = Dataset.from_file(str(directory / FEATURES_FILE))  # memory-mapped, not read into memory
     except (OSError, ValueError, KeyError, TypeError, pyarrow.ArrowException) as error:
-        raise ValueError(
-            f"--feature-cache {directory} is damaged ({type(error).__name__}); delete it or choose another folder."
-        ) from None
+        raise _damaged(directory, type(error).__name__) from None
     if rows.column_names != columns or len(rows) != contents["positions"]:
-        raise ValueError(
-            f"--feature-cache {directory} is damaged ({len(rows)} rows of {rows.column_names}, expected "
-            f"{contents['positions']} of {columns}); delete it or choose another folder."
+        raise _damaged(
+            directory, f"{len(rows)} rows of {rows.column_names}, expected {contents['positions']} of {columns}"
         )
     return CachedFeatures(directory, rows.with_format("torch"), fingerprint, computed=False, seconds=0.0)
+
+
+def _read_fingerprint(directory: Path) -> dict[str, Any]:
+    """`fingerprint.json`, with its two parts; unreadable, it is a damaged cache."""
+    try:
+        fingerprint = json.loads((directory / FINGERPRINT_FILE).read_text())
+        if not all(isinstance(part, dict) for part in (fingerprint, fingerprint["source"], fingerprint["contents"])):
+            raise TypeError
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise _damaged(directory, type(error).__name__) from None
+    return fingerprint
+
+
+def _verify_checksum(directory: Path, contents: Mapping[str, Any]) -> None:
+    """`features.arrow` has the size and sha256 recorded when it was written, or the cache is damaged."""
+    path, recorded = directory / FEATURES_FILE, contents.get("checksum")
+    if not isinstance(recorded, dict) or not {"sha256", "bytes"} <= recorded.keys():
+        raise _damaged(directory, f"{FINGERPRINT_FILE} records no checksum of {FEATURES_FILE}")
+    try:
+        size = path.stat().st_size
+        if size != recorded["bytes"]:
+            raise _damaged(directory, f"{FEATURES_FILE} holds {size:,} bytes, {recorded['bytes']:,} were written")
+        if _file_checksum(path) != recorded["sha256"]:
+            raise _damaged(directory, f"{FEATURES_FILE} does not match the sha256 recorded in {FINGERPRINT_FILE}")
+    except OSError as error:
+        raise _damaged(directory, f"{FEATURES_FILE}: {error.strerror or type(error).__name__}") from None
+
+
+def _damaged(directory: Path, why: str) -> ValueError:
+    return ValueError(f"--feature-cache {directory} is damaged ({why}); delete it or choose another folder.")
 
 
 def _write_features(
