@@ -16,6 +16,7 @@ from transformers import GenerationConfig
 
 from ._files import check_head_tensor
 from ._peft_type import PREFIX
+from .caches import offload_device
 from .config import BackAttnConfig
 from .layer import (
     BASE_ADAPTER_NAME,
@@ -23,7 +24,6 @@ from .layer import (
     check_adapter_names,
     check_mergeable,
     expand_adapter_names,
-    offload_device,
     output_layer_shape,
 )
 
