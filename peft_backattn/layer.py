@@ -125,6 +125,15 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
             logits = head(rows, base_logits, frozen, base_output=self.base_layer.__call__, weighted=weighted)
         return logits.to(x.dtype).reshape(*x.shape[:-1], logits.shape[-1])
 
+    def weighted_embedding(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
+        """The base's w N for hidden rows (n, d_in), as head `adapter_name` weighs it: (n, d_e), in the head's dtype.
+
+        It depends on the frozen base (and the head's `logit_weighting` and `rms_norm_eps`) alone, so a caller may
+        compute it once and pass it to `head_forward(..., weighted=...)` (softmax heads), as cached features do.
+        """
+        head = self.backattn_heads[adapter_name]
+        return head.weighted_embedding(hidden, None, self.frozen_tensors(head.config), self.base_layer)
+
     def _mixed_batch_forward(self, x: torch.Tensor, adapter_names: list[str]) -> torch.Tensor:
         """Run head adapter_names[i] on sample i ('__base__': the base layer); equal to running each alone.
 

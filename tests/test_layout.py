@@ -7,6 +7,8 @@ math-head workbench is `peft_backattn.workbench`; the command line `peft_backatt
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,8 @@ from peft_backattn.cli import main
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_backattn"
 METHOD_MODULES = sorted(p for p in PACKAGE.glob("*.py") if p.name != "cli.py")
+WORKBENCH_MODULES = sorted((PACKAGE / "workbench").glob("*.py"))
+API_DOC = (PACKAGE.parent / "docs" / "api.md").read_text()
 
 
 def module_name(path: Path) -> str:
@@ -115,6 +119,76 @@ def test_the_method_never_imports_the_workbench_or_the_command_line(path):
     imported, _ = runtime_imports(path)
     leaks = sorted(m for m in imported if m.startswith(("peft_backattn.workbench", "peft_backattn.cli")))
     assert not leaks, f"{path.name} (the method) imports {leaks}"
+
+
+def method_members() -> set[str]:
+    """Names the method's own classes define (methods, properties, class attributes, fields), not those they
+    override of torch's or PEFT's, which are those libraries' API; and the private attributes they set on `self`."""
+    names = set()
+    for path in METHOD_MODULES:
+        module = importlib.import_module(module_name(path))
+        for cls in vars(module).values():
+            if not (isinstance(cls, type) and cls.__module__ == module.__name__):
+                continue
+            if issubclass(cls, tuple) and hasattr(cls, "_fields"):  # a NamedTuple: its fields, not _replace & co
+                names.update(cls._fields)
+                continue
+            libraries = [base for base in cls.__mro__ if not base.__module__.startswith("peft_backattn")]
+            inherited = {name for base in libraries for name in vars(base)}
+            names.update(name for name in vars(cls) if not name.startswith("__") and name not in inherited)
+        names.update(
+            node.attr
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+            if ast.unparse(node.value) == "self"
+            if node.attr.startswith("_") and not node.attr.startswith("__")
+        )
+    return names
+
+
+def attributes_used(path: Path) -> set[str]:
+    """Every attribute name `path` reads or writes: `x.name`, and `getattr(x, "name")` and its kin."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("getattr", "hasattr", "setattr"):
+            if len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+                names.add(node.args[1].value)
+    return names
+
+
+def documented(name: str) -> bool:
+    """Whether docs/api.md names `name` in code (`name`, `name(...)`, `x.name`)."""
+    return re.search(rf"`[^`\n]*\b{re.escape(name)}\b[^`\n]*`", API_DOC) is not None
+
+
+def test_method_members_are_read_correctly():
+    """Guards the check below: it passes vacuously if it misses the method's own names."""
+    members = method_members()
+    assert {"head_forward", "frozen_tensors", "_collapsed_cache", "_shared_forward", "normalized"} <= members
+    assert not {"forward", "train", "merge", "_replace", "to"} & members  # torch's, PEFT's, NamedTuple's
+
+
+@pytest.mark.parametrize("path", WORKBENCH_MODULES, ids=lambda p: p.name)
+def test_the_workbench_uses_only_the_documented_public_api_of_the_method(path):
+    """The workbench reaches the method through names docs/api.md documents, so that the method can change inside."""
+    method = {module_name(p) for p in METHOD_MODULES}
+    private_imports = [
+        alias.name
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        if resolve(module_name(path), path.name == "__init__.py", node)[0] in method
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+    assert not private_imports, f"{path.name} imports the method's private {private_imports}"
+    members = method_members()
+    used = attributes_used(path) & members
+    private = sorted(name for name in used if name.startswith("_"))
+    assert not private, f"{path.name} uses the method's private {private}"
+    undocumented = sorted(name for name in used if not documented(name))
+    assert not undocumented, f"{path.name} uses {undocumented} of the method, which docs/api.md does not document"
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:
