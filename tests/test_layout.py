@@ -1,7 +1,9 @@
 """The package layout holds: the method stands alone, nothing imports in a circle, and the command line is quiet.
 
-The method is `peft_backattn` itself (config, layer, model, registration, file checks, reference, costs); the
-math-head workbench is `peft_backattn.workbench`; the command line `peft_backattn.cli` sits on both.
+The method is `peft_backattn` itself (config, head, caches, layer, model, tying, registration, file checks,
+reference, costs); the math-head workbench is `peft_backattn.workbench`; the command line `peft_backattn.cli` sits
+on both. Within the method the head's math (head.py) imports torch and the config alone; the workbench uses only
+what docs/api.md documents of the method.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def test_the_import_graph_is_read_correctly():
     """Guards the checks below: they pass vacuously if the graph misses the package's own imports."""
     graph = import_graph()
     assert "peft_backattn.config" in graph["peft_backattn.layer"]
+    assert {"peft_backattn.head", "peft_backattn.caches"} <= graph["peft_backattn.layer"]
     assert "peft_backattn.workbench.training" in graph["peft_backattn.cli"]
     assert "peft_backattn.config" in graph["peft_backattn.workbench.training"]  # `from ..config import`
     assert "peft_backattn._files" not in graph["peft_backattn._files"]
@@ -119,6 +122,19 @@ def test_the_method_never_imports_the_workbench_or_the_command_line(path):
     imported, _ = runtime_imports(path)
     leaks = sorted(m for m in imported if m.startswith(("peft_backattn.workbench", "peft_backattn.cli")))
     assert not leaks, f"{path.name} (the method) imports {leaks}"
+
+
+def test_the_heads_math_imports_only_torch_and_the_config():
+    """head.py is the math alone: no cache, PEFT or accelerate code, not even for type hints."""
+    path = PACKAGE / "head.py"
+    known = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    tree = ast.parse(path.read_text())
+    imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    package = {m for node in imports for m in resolve("peft_backattn.head", False, node) if m in known}
+    assert package == {"peft_backattn.config"}, f"head.py imports {sorted(package)}"
+    outside = {m.split(".")[0] for node in imports if getattr(node, "level", 0) == 0 for m in resolve("", False, node)}
+    libraries = outside - set(sys.stdlib_module_names)
+    assert libraries == {"torch"}, f"head.py imports {sorted(libraries)}"
 
 
 def method_members() -> set[str]:
