@@ -8,7 +8,8 @@ workbench (`peft_backattn.workbench`) and the command line (`peft_backattn.cli`)
 from . import _quiet_imports  # noqa: F401  (first: imports PEFT without bitsandbytes' import-time notice)
 from ._registration import register as _register
 from .config import BackAttnConfig
-from .layer import BackAttnHead, BackAttnLayer
+from .head import BackAttnHead
+from .layer import BackAttnLayer
 from .model import BackAttnModel
 from .reference import reference_logits
 

@@ -1,7 +1,7 @@
 """The head computed literally as the design states it: Ê, K and V materialised, one step per line.
 
-This is the specification the fast paths in `layer.py` are tested against. It is slow (three vocabulary-sized
-matrices per head) and meant for tests, docs and small inputs only.
+This is the specification the fast paths in `head.py` and `layer.py` are tested against. It is slow (three
+vocabulary-sized matrices per head) and meant for tests, docs and small inputs only.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from .config import QUERY_ACTIVATIONS
-from .layer import BackAttnHead
+from .head import BackAttnHead
 
 
 def reference_logits(

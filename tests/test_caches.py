@@ -11,7 +11,7 @@ from conftest import VOCAB, build, randomize_heads
 from peft import get_peft_model
 from torch import nn
 
-import peft_backattn.layer as layer_module
+import peft_backattn.caches as caches_module
 from peft_backattn import BackAttnConfig, BackAttnLayer, reference_logits
 
 # Every mode the caches serve: raw heads cache C (and, linear, the collapsed map), softmax heads only N.
@@ -171,8 +171,8 @@ def test_generate_checks_the_weights_once_and_sees_changes_between_calls(input_i
     kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=1)
     model.generate(input_ids=input_ids, **kwargs)
     comparisons = []
-    real = layer_module._same_contents
-    monkeypatch.setattr(layer_module, "_same_contents", lambda *args: comparisons.append(1) or real(*args))
+    real = caches_module._same_contents
+    monkeypatch.setattr(caches_module, "_same_contents", lambda *args: comparisons.append(1) or real(*args))
     with torch.no_grad():
         model(input_ids=input_ids)
     per_forward = len(comparisons)

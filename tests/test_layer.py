@@ -11,7 +11,7 @@ from peft import get_peft_model
 from torch import nn
 
 from peft_backattn import BackAttnConfig, BackAttnLayer, reference_logits
-from peft_backattn.layer import BackAttnHead
+from peft_backattn.head import BackAttnHead
 
 MODES = list(itertools.product(("raw", "softmax"), ("replace", "residual"), (1, 3), (None, "gelu")))
 

@@ -1,12 +1,16 @@
 """The package layout holds: the method stands alone, nothing imports in a circle, and the command line is quiet.
 
-The method is `peft_backattn` itself (config, layer, model, registration, file checks, reference, costs); the
-math-head workbench is `peft_backattn.workbench`; the command line `peft_backattn.cli` sits on both.
+The method is `peft_backattn` itself (config, head, caches, layer, model, tying, registration, file checks,
+reference, costs); the math-head workbench is `peft_backattn.workbench`; the command line `peft_backattn.cli` sits
+on both. Within the method the head's math (head.py) imports torch and the config alone; the workbench uses only
+what docs/api.md documents of the method.
 """
 
 from __future__ import annotations
 
 import ast
+import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +21,8 @@ from peft_backattn.cli import main
 
 PACKAGE = Path(__file__).resolve().parents[1] / "peft_backattn"
 METHOD_MODULES = sorted(p for p in PACKAGE.glob("*.py") if p.name != "cli.py")
+WORKBENCH_MODULES = sorted((PACKAGE / "workbench").glob("*.py"))
+API_DOC = (PACKAGE.parent / "docs" / "api.md").read_text()
 
 
 def module_name(path: Path) -> str:
@@ -76,6 +82,7 @@ def test_the_import_graph_is_read_correctly():
     """Guards the checks below: they pass vacuously if the graph misses the package's own imports."""
     graph = import_graph()
     assert "peft_backattn.config" in graph["peft_backattn.layer"]
+    assert {"peft_backattn.head", "peft_backattn.caches"} <= graph["peft_backattn.layer"]
     assert "peft_backattn.workbench.training" in graph["peft_backattn.cli"]
     assert "peft_backattn.config" in graph["peft_backattn.workbench.training"]  # `from ..config import`
     assert "peft_backattn._files" not in graph["peft_backattn._files"]
@@ -115,6 +122,89 @@ def test_the_method_never_imports_the_workbench_or_the_command_line(path):
     imported, _ = runtime_imports(path)
     leaks = sorted(m for m in imported if m.startswith(("peft_backattn.workbench", "peft_backattn.cli")))
     assert not leaks, f"{path.name} (the method) imports {leaks}"
+
+
+def test_the_heads_math_imports_only_torch_and_the_config():
+    """head.py is the math alone: no cache, PEFT or accelerate code, not even for type hints."""
+    path = PACKAGE / "head.py"
+    known = {module_name(p) for p in PACKAGE.rglob("*.py")}
+    tree = ast.parse(path.read_text())
+    imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
+    package = {m for node in imports for m in resolve("peft_backattn.head", False, node) if m in known}
+    assert package == {"peft_backattn.config"}, f"head.py imports {sorted(package)}"
+    outside = {m.split(".")[0] for node in imports if getattr(node, "level", 0) == 0 for m in resolve("", False, node)}
+    libraries = outside - set(sys.stdlib_module_names)
+    assert libraries == {"torch"}, f"head.py imports {sorted(libraries)}"
+
+
+def method_members() -> set[str]:
+    """Names the method's own classes define (methods, properties, class attributes, fields), not those they
+    override of torch's or PEFT's, which are those libraries' API; and the private attributes they set on `self`."""
+    names = set()
+    for path in METHOD_MODULES:
+        module = importlib.import_module(module_name(path))
+        for cls in vars(module).values():
+            if not (isinstance(cls, type) and cls.__module__ == module.__name__):
+                continue
+            if issubclass(cls, tuple) and hasattr(cls, "_fields"):  # a NamedTuple: its fields, not _replace & co
+                names.update(cls._fields)
+                continue
+            libraries = [base for base in cls.__mro__ if not base.__module__.startswith("peft_backattn")]
+            inherited = {name for base in libraries for name in vars(base)}
+            names.update(name for name in vars(cls) if not name.startswith("__") and name not in inherited)
+        names.update(
+            node.attr
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store)
+            if ast.unparse(node.value) == "self"
+            if node.attr.startswith("_") and not node.attr.startswith("__")
+        )
+    return names
+
+
+def attributes_used(path: Path) -> set[str]:
+    """Every attribute name `path` reads or writes: `x.name`, and `getattr(x, "name")` and its kin."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Attribute):
+            names.add(node.attr)
+        elif isinstance(node, ast.Call) and ast.unparse(node.func) in ("getattr", "hasattr", "setattr"):
+            if len(node.args) > 1 and isinstance(node.args[1], ast.Constant) and isinstance(node.args[1].value, str):
+                names.add(node.args[1].value)
+    return names
+
+
+def documented(name: str) -> bool:
+    """Whether docs/api.md names `name` in code (`name`, `name(...)`, `x.name`)."""
+    return re.search(rf"`[^`\n]*\b{re.escape(name)}\b[^`\n]*`", API_DOC) is not None
+
+
+def test_method_members_are_read_correctly():
+    """Guards the check below: it passes vacuously if it misses the method's own names."""
+    members = method_members()
+    assert {"head_forward", "frozen_tensors", "_collapsed_cache", "_shared_forward", "normalized"} <= members
+    assert not {"forward", "train", "merge", "_replace", "to"} & members  # torch's, PEFT's, NamedTuple's
+
+
+@pytest.mark.parametrize("path", WORKBENCH_MODULES, ids=lambda p: p.name)
+def test_the_workbench_uses_only_the_documented_public_api_of_the_method(path):
+    """The workbench reaches the method through names docs/api.md documents, so that the method can change inside."""
+    method = {module_name(p) for p in METHOD_MODULES}
+    private_imports = [
+        alias.name
+        for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom)
+        if resolve(module_name(path), path.name == "__init__.py", node)[0] in method
+        for alias in node.names
+        if alias.name.startswith("_")
+    ]
+    assert not private_imports, f"{path.name} imports the method's private {private_imports}"
+    members = method_members()
+    used = attributes_used(path) & members
+    private = sorted(name for name in used if name.startswith("_"))
+    assert not private, f"{path.name} uses the method's private {private}"
+    undocumented = sorted(name for name in used if not documented(name))
+    assert not undocumented, f"{path.name} uses {undocumented} of the method, which docs/api.md does not document"
 
 
 def run_python(code: str) -> subprocess.CompletedProcess:

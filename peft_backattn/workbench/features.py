@@ -507,7 +507,6 @@ def _write_features(
     progress: bool,
 ) -> int:
     """The base's forward over `dataset`, the trained rows appended to the Arrow file at `path`; returns the count."""
-    head = layer.backattn_heads[name]
     collate = PaddingCollator.from_tokenizer(tokenizer)
     device = layer.embedding_weight.device
     schema = _features(contents).arrow_schema  # carries the `datasets` feature types, for Dataset.from_file
@@ -545,8 +544,7 @@ def _write_features(
                     "target": trained_targets(batch["labels"]).to(torch.int64),  # (n,)
                 }
                 if contents["weighted"] is not None:
-                    frozen = layer.frozen_tensors(head.config)
-                    weighted = head.weighted_embedding(hidden, None, frozen, layer.base_layer)  # (n, d_e)
+                    weighted = layer.weighted_embedding(name, hidden)  # (n, d_e)
                     columns["weighted"] = weighted.to(getattr(torch, contents["weighted"]["stored_dtype"]))
                 stream.write_table(_table(columns, schema))
                 written += hidden.shape[0]
