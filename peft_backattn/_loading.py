@@ -1,6 +1,6 @@
 """Every head load through PEFT gets the same checks, and a refused load leaves no trace.
 
-Two gaps in PEFT 0.21 that `install()` closes, once per process:
+Two gaps in PEFT 0.21 that these wrappers close (`_peft_patches.install()` applies them, once per process):
 
 - `PeftModel.load_adapter(path, adapter_name)` reads and checks the saved config only when `adapter_name` is new.
   Into an existing name it loads the weights file as it is (pickle files, NaNs, integer tensors, a head of another
@@ -20,12 +20,11 @@ import functools
 import os
 from typing import Any
 
-from peft import PeftConfig, PeftModel
+from peft import PeftModel
 
 from .config import CONFIG_NAME, BackAttnConfig, check_peft_type
 from .layer import BackAttnLayer
 
-_MARK = "_backattn_checked"
 # The fields that decide a head's math and shapes; a checkpoint loads into an existing head only when all agree.
 CONFIG_FIELDS = (
     "base_embedding_dim",
@@ -42,16 +41,9 @@ CONFIG_FIELDS = (
 )
 
 
-def install() -> None:
-    """Wrap `PeftModel.load_adapter` and `PeftConfig._get_peft_type` (a second call does nothing)."""
-    if not getattr(PeftModel.load_adapter, _MARK, False):
-        PeftModel.load_adapter = _checked_load_adapter(PeftModel.load_adapter)
-    get_peft_type = PeftConfig._get_peft_type.__func__
-    if not getattr(get_peft_type, _MARK, False):
-        PeftConfig._get_peft_type = classmethod(_checked_get_peft_type(get_peft_type))
+def checked_load_adapter(load_adapter):
+    """`PeftModel.load_adapter` that checks a reload into an existing head and undoes a failed new head."""
 
-
-def _checked_load_adapter(load_adapter):
     @functools.wraps(load_adapter)
     def wrapper(self: PeftModel, model_id: str | os.PathLike, adapter_name: str, *args: Any, **kwargs: Any) -> Any:
         existing = self.peft_config.get(adapter_name)
@@ -67,7 +59,6 @@ def _checked_load_adapter(load_adapter):
             _remove_head(self, adapter_name)
             raise
 
-    setattr(wrapper, _MARK, True)
     return wrapper
 
 
@@ -98,7 +89,9 @@ def _remove_head(model: PeftModel, adapter_name: str) -> None:
             module.delete_adapter(adapter_name)
 
 
-def _checked_get_peft_type(get_peft_type):
+def checked_get_peft_type(get_peft_type):
+    """`PeftConfig._get_peft_type` whose unknown or missing `peft_type` is a one-line error."""
+
     @functools.wraps(get_peft_type)
     def wrapper(cls: type, model_id: str, **hf_hub_download_kwargs: Any) -> Any:
         try:
@@ -109,5 +102,4 @@ def _checked_get_peft_type(get_peft_type):
         check_peft_type(peft_type, os.path.join(str(model_id), subfolder, CONFIG_NAME))
         return peft_type
 
-    setattr(wrapper, _MARK, True)
     return wrapper

@@ -8,18 +8,17 @@ from __future__ import annotations
 from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import register_peft_method
 
-from ._loading import install as install_load_checks
-from ._peft_type import BACKATTN, METHOD_NAME, PREFIX
+from . import _peft_patches
+from ._peft_patches import BACKATTN
+from ._peft_type import METHOD_NAME, PREFIX
 from .config import BackAttnConfig
 from .model import BackAttnModel
-from .model_card import install as install_model_card
 
 
 def register() -> None:
     """Make `backattn` a PEFT method (a no-op when it already is one), with the same checks on every head load and
     a model card that describes the head on every save."""
-    install_load_checks()
-    install_model_card()
+    _peft_patches.install()
     if BACKATTN in PEFT_TYPE_TO_TUNER_MAPPING:
         return
     register_peft_method(name=METHOD_NAME, config_cls=BackAttnConfig, model_cls=BackAttnModel, prefix=PREFIX)

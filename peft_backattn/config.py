@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-from peft.utils import TaskType
+from peft.utils import PeftType, TaskType
 
 from ._files import validate_head_folder
-from ._peft_type import BACKATTN
+from ._peft_type import PEFT_TYPE_NAME
 
 LogitWeighting = Literal["raw", "softmax"]
 CombineMode = Literal["replace", "residual"]
@@ -159,10 +159,10 @@ class BackAttnConfig(PeftConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.peft_type is not None and self.peft_type != BACKATTN:
+        if self.peft_type is not None and self.peft_type != PEFT_TYPE_NAME:
             value = getattr(self.peft_type, "value", self.peft_type)
-            raise ValueError(f"BackAttnConfig.peft_type must be {BACKATTN.value!r}, got {value!r}.")
-        self.peft_type = BACKATTN
+            raise ValueError(f"BackAttnConfig.peft_type must be {PEFT_TYPE_NAME!r}, got {value!r}.")
+        self.peft_type = PeftType[PEFT_TYPE_NAME]  # the member `_peft_patches` added when the package was imported
         if self.task_type is None:
             self.task_type = TaskType.CAUSAL_LM
         self._validate()
@@ -188,9 +188,9 @@ class BackAttnConfig(PeftConfig):
         peft_type = kwargs.get("peft_type")
         if peft_type is not None:
             check_peft_type(peft_type, CONFIG_NAME)
-            if peft_type != BACKATTN:
+            if peft_type != PEFT_TYPE_NAME:
                 raise ValueError(
-                    f"{CONFIG_NAME} has peft_type {peft_type!r}, not {BACKATTN.value!r}: it is another PEFT method's "
+                    f"{CONFIG_NAME} has peft_type {peft_type!r}, not {PEFT_TYPE_NAME!r}: it is another PEFT method's "
                     "adapter, not a backattn head."
                 )
         return super().check_kwargs(**kwargs)
@@ -262,7 +262,7 @@ def check_peft_type(peft_type: object, source: str) -> None:
     """Raise `UnknownPeftTypeError` unless `peft_type` (read from `source`) names a registered PEFT method."""
     if isinstance(peft_type, str) and peft_type in PEFT_TYPE_TO_CONFIG_MAPPING:
         return
-    expected = f"a backattn head has peft_type {BACKATTN.value!r}"
+    expected = f"a backattn head has peft_type {PEFT_TYPE_NAME!r}"
     if peft_type is None:
         raise UnknownPeftTypeError(f"{source} has no peft_type; {expected}.")
     raise UnknownPeftTypeError(

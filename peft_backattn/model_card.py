@@ -1,11 +1,11 @@
 """The README.md model card that `save_pretrained` writes next to a backattn head.
 
-PEFT writes a card on every `save_pretrained` (and so in every Trainer checkpoint): its blank template ("Model Card
-for Model ID", every section a placeholder) with the hub's metadata for adapters (`library_name: peft`,
-`base_model`, `pipeline_tag`, `tags`). For a folder that holds backattn heads, `install()` makes that card say what
-the head is: the base model and its sizes, the head's config and size, how to load it, and the training data,
-training run and metrics where they were recorded with `record_card_details` (`train_head` records its run). The
-sections follow PEFT's template, so the hub shows the card as it shows any PEFT adapter's.
+PEFT writes a card on every `save_pretrained` (and so in every Trainer checkpoint): its blank template ("Model Card for
+Model ID", every section a placeholder) with the hub's metadata for adapters (`library_name: peft`, `base_model`,
+`pipeline_tag`, `tags`). For a folder that holds backattn heads, the wrappers here (applied by `_peft_patches`) make
+that card say what the head is: the base model and its sizes, the head's config and size, how to load it, and the
+training data, training run and metrics where they were recorded with `record_card_details` (`train_head` records its
+run). The sections follow PEFT's template, so the hub shows the card as it shows any PEFT adapter's.
 
 A README.md already in the folder is replaced only when it is this card or PEFT's blank template; a card of the
 user's own is left to PEFT's update (which adds its metadata and keeps the text).
@@ -20,6 +20,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import fields
 from typing import Any
+from weakref import WeakKeyDictionary, WeakSet
 
 from huggingface_hub import ModelCard
 from peft import PeftConfig, PeftModel
@@ -33,10 +34,10 @@ CARD_NAME = "README.md"
 CARD_MARK = "<!-- peft-backattn model card: saving the head again rewrites it -->"
 PEFT_TEMPLATE_MARK = "# Model Card for Model ID"  # the title of PEFT's blank template
 TAGS = ("backattn", "peft", "peft-backattn")
-_DETAILS = "_backattn_card_details"  # per-head facts, in the PeftModel's __dict__
-_SAVING = "_backattn_saving_adapters"  # the heads of the save_pretrained call in progress
-_AT_TOP = "_backattn_card_heads_at_top"  # set while a caller moves a named head to the folder's top (`save_head`)
-_MARK = "_backattn_card"
+# What the card needs to know about a model, kept here (weakly keyed: gone with the model), not in PEFT's objects.
+_DETAILS: WeakKeyDictionary[PeftModel, dict[str, dict]] = WeakKeyDictionary()  # per-head facts
+_SAVING: WeakKeyDictionary[PeftModel, list[str] | None] = WeakKeyDictionary()  # the heads of a save in progress
+_AT_TOP: WeakSet[PeftModel] = WeakSet()  # while a caller moves a named head to the folder's top (`save_head`)
 _INHERITED = {f.name for f in fields(PeftConfig)}
 
 
@@ -57,7 +58,7 @@ def record_card_details(
     name = adapter_name or model.active_adapter
     if name not in model.peft_config:
         raise ValueError(f"Unknown head {name!r}; known heads: {sorted(model.peft_config)}.")
-    details = model.__dict__.setdefault(_DETAILS, {}).setdefault(name, {"training": {}, "metrics": {}})
+    details = _DETAILS.setdefault(model, {}).setdefault(name, {"training": {}, "metrics": {}})
     if training_data is not None:
         details["training_data"] = str(training_data)
     details["training"].update(training or {})
@@ -66,46 +67,41 @@ def record_card_details(
 
 def card_details(model: PeftModel, adapter_name: str) -> dict[str, Any]:
     """What `record_card_details` holds for a head (empty tables when nothing was recorded)."""
-    return model.__dict__.get(_DETAILS, {}).get(adapter_name, {"training": {}, "metrics": {}})
+    return _DETAILS.get(model, {}).get(adapter_name, {"training": {}, "metrics": {}})
 
 
 @contextmanager
 def heads_at_top(model: PeftModel) -> Iterator[None]:
     """Inside, the card tells to load a named head from the folder's top, not from PEFT's `<folder>/<name>/`: for a
     caller that moves the head's files up after `save_pretrained` (the workbench's `save_head` does)."""
-    model.__dict__[_AT_TOP] = True
+    _AT_TOP.add(model)
     try:
         yield
     finally:
-        model.__dict__.pop(_AT_TOP, None)
+        _AT_TOP.discard(model)
 
 
-def install() -> None:
-    """Wrap `PeftModel.save_pretrained` and `create_or_update_model_card` (a second call does nothing)."""
-    if not getattr(PeftModel.save_pretrained, _MARK, False):
-        PeftModel.save_pretrained = _remember_selection(PeftModel.save_pretrained)
-    if not getattr(PeftModel.create_or_update_model_card, _MARK, False):
-        PeftModel.create_or_update_model_card = _backattn_card(PeftModel.create_or_update_model_card)
+def remember_selection(save_pretrained):
+    """`PeftModel.save_pretrained` that tells the card writer which heads this save selected."""
 
-
-def _remember_selection(save_pretrained):
     @functools.wraps(save_pretrained)
     def wrapper(self: PeftModel, save_directory: str, *args: Any, **kwargs: Any) -> Any:
         selected = kwargs.get("selected_adapters", args[1] if len(args) > 1 else None)
-        self.__dict__[_SAVING] = list(selected) if selected is not None else None
+        _SAVING[self] = list(selected) if selected is not None else None
         try:
             return save_pretrained(self, save_directory, *args, **kwargs)
         finally:
-            self.__dict__.pop(_SAVING, None)
+            _SAVING.pop(self, None)
 
-    setattr(wrapper, _MARK, True)
     return wrapper
 
 
-def _backattn_card(create_or_update):
+def backattn_card(create_or_update):
+    """`PeftModel.create_or_update_model_card` that writes this card for a folder of backattn heads."""
+
     @functools.wraps(create_or_update)
     def wrapper(self: PeftModel, output_dir: str) -> None:
-        selected = self.__dict__.get(_SAVING) or list(self.peft_config)
+        selected = _SAVING.get(self) or list(self.peft_config)
         heads = [name for name in selected if isinstance(self.peft_config.get(name), BackAttnConfig)]
         path = os.path.join(output_dir, CARD_NAME)
         existing = open(path, encoding="utf-8").read() if os.path.isfile(path) else None
@@ -121,7 +117,6 @@ def _backattn_card(create_or_update):
         card.data.tags = sorted(tags)
         card.save(path)
 
-    setattr(wrapper, _MARK, True)
     return wrapper
 
 
@@ -201,7 +196,7 @@ def model_card_text(model: PeftModel, adapter_names: list[str]) -> str:
     example = adapter_names[0]
     subfolder = (
         []
-        if example == "default" or model.__dict__.get(_AT_TOP)
+        if example == "default" or model in _AT_TOP
         else [f'# PeftModel.save_pretrained puts head "{example}" in a sub-folder: add subfolder="{example}"']
     )
     lines += [
