@@ -1,9 +1,10 @@
-"""Turn benchmarks/results/*.json into the tables and plots of docs/results.md.
+"""Turn benchmarks/results/*.json into the tables and plots of docs/results.md and docs/history.md.
 
     python benchmarks/report.py
 
-docs/results.md holds the prose; each table sits between `<!-- generated: NAME -->` and `<!-- end -->` markers and
-is rewritten from the result files, so every number in it comes from a benchmark run. Plots go to docs/img/.
+The pages hold the prose; each table sits between `<!-- generated: NAME -->` and `<!-- end -->` markers and is
+rewritten from the result files, so every number in it comes from a benchmark run. results.md shows the present
+runs, history.md the superseded ones. Plots go to docs/img/. Nothing is trained or timed here.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ from peft_backattn.workbench.metrics import wilson_interval
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 IMAGES = DOCS / "img"
+PAGES = (DOCS / "results.md", DOCS / "history.md")
+# One generated block: its marker, its body (the table and a newline; empty in a fresh block), its end marker.
+BLOCK = re.compile(r"(<!-- generated: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end -->)", re.DOTALL)
 
 
 def load(name: str) -> dict | None:
@@ -304,6 +308,178 @@ def tuned_plot(result: dict) -> None:
     plt.close(figure)
 
 
+def scored_speed_table(result: dict) -> str:
+    """`bench_speed.py --only scored`: real GSM8K batches, each method with the full forward and trained positions
+    only."""
+    scored = result["scored_training"]
+    trained = statistics.mean(scored["trained_per_batch"])
+    positions = statistics.mean(scored["positions_per_batch"])
+    header = ["method", "step (s)", "trained tokens/s", "x base no-grad forward",
+              "x LoRA's trained tokens/s (trained positions only)"]  # fmt: skip
+    rows = [[r["method"], r["median_s"], r["trained_tokens_per_s"], r["x_base_forward"],
+             r["x_lora_trained_tokens_per_s"]] for r in scored["rows"]]  # fmt: skip
+    return (f"Batches of {scored['batch']} GSM8K train problems (up to {scored['max_length']} tokens): "
+            f"{trained:,.0f} of {positions:,.0f} positions trained per batch on average; median of "
+            f"{scored['rounds']} rounds; `{result['command']}`\n\n" + markdown_table(header, rows))  # fmt: skip
+
+
+CACHED_EPOCHS = {
+    "feature pass": "feature pass (once)",
+    "head, cached features": "one epoch of the head on the cached features",
+    "head, ordinary epoch": "one ordinary epoch of the head",
+    "lora r=8, ordinary epoch": "one ordinary epoch of LoRA r=8 (q, k, v, o)",
+}
+
+
+def cached_speed_table(result: dict) -> str:
+    """`bench_cached.py`: whole epochs per trained token, against LoRA's ordinary epoch and the cached epoch."""
+    epochs, data = result["epochs"], result["data"]
+    lora = epochs["lora r=8, ordinary epoch"]["ms_per_trained_token"]
+    rows = []
+    for key, label in CACHED_EPOCHS.items():
+        epoch = epochs[key]
+        versus_lora = lora / epoch["ms_per_trained_token"] if key != "feature pass" else "-"
+        rows.append([label, epoch["epoch_s"], epoch["ms_per_trained_token"], round(epoch["trained_tokens_per_s"]),
+                     versus_lora, epoch["x_cached_epoch"]])  # fmt: skip
+    header = ["", "seconds", "ms per trained token", "trained tokens/s", "x LoRA's trained tokens/s",
+              "x a cached epoch"]  # fmt: skip
+    settings = result["settings"]
+    return (f"The first {data['examples']} GSM8K train problems ({data['trained_tokens']:,} trained tokens of "
+            f"{data['positions']:,} positions), batch {settings['batch']}, lr {settings['lr']:g}, one after another "
+            f"in one process; `{result['command']}`\n\n" + markdown_table(header, rows))  # fmt: skip
+
+
+def cached_quality_table(result: dict) -> str:
+    """`bench_cached.py --quality`: GSM8K test perplexity after the timed epochs and after several cached ones."""
+    quality = result["quality"]
+    labels = {
+        "head, ordinary epoch": "head, one ordinary epoch",
+        "lora r=8, ordinary epoch": "LoRA r=8, one ordinary epoch",
+        "head, 5 cached epochs": f"head, feature pass + {result['settings']['quality_epochs']:g} cached epochs",
+    }
+    rows = [[labels.get(name, name), round(row["train_s"]) if row["train_s"] else "-", f"{row['perplexity']:.3f}"]
+            for name, row in quality["rows"].items()]  # fmt: skip
+    header = ["training", "wall clock (s)", f"GSM8K test perplexity ({quality['test_problems']} problems)"]
+    return f"`{result['command']}`\n\n" + markdown_table(header, rows)
+
+
+def serve_table(result: dict) -> str:
+    """`bench_serve.py`: throughput and latency with requests spread over more heads, and the correctness run."""
+    settings, check = result["settings"], result["check"]
+    rows = [[name, r["tokens_per_s"], r["p50_latency_s"], r["p95_latency_s"], r["vs_one_head"]]
+            for name, r in result["speed"].items()]  # fmt: skip
+    header = ["requests spread over", "output tokens/s", "p50 latency (s)", "p95 latency (s)", "x one head"]
+    return (f"{settings['clients']} concurrent clients, {settings['tokens']} greedy output tokens per request, "
+            f"{settings['requests']} requests per setting and round, {settings['rounds']} rounds; a loaded head holds "
+            f"{result['memory']['head_tensor_bytes'] / 1e3:.1f} kB. Correctness run: {check['answered']:,} of "
+            f"{check['requests']:,} requests over {check['heads_used']} heads answered ({settings['check_tokens']} "
+            f"tokens each, {settings['check_clients']} clients), {check['matched']} of {check['sampled']} sampled "
+            f"ones equal to `generate` with their head alone; `{result['command']}`\n\n"
+            + markdown_table(header, rows))  # fmt: skip
+
+
+def lmeval_table(runs: list[dict]) -> str:
+    """lm-eval's own results files: exact match under both filters, with its standard error and the count."""
+    rows = []
+    for run in runs:
+        task = next(iter(run["results"]))
+        scores, n = run["results"][task], run["n-samples"][task]["effective"]
+        peft = run["config"]["model_args"].get("peft")
+        cells = []
+        for metric in ("flexible-extract", "strict-match"):
+            rate = scores[f"exact_match,{metric}"]
+            cells.append(f"{rate:.3f} ± {scores[f'exact_match_stderr,{metric}']:.3f} ({round(rate * n)} of {n})")
+        low, high = wilson_interval(round(scores["exact_match,flexible-extract"] * n), n)
+        rows.append([f"base + head `{peft}`" if peft else "base", *cells, f"[{low:.3f}, {high:.3f}]"])
+    header = ["model", "exact match, `flexible-extract`", "exact match, `strict-match`",
+              "Wilson 95 % interval (flexible)"]  # fmt: skip
+    task = next(iter(runs[0]["results"]))
+    return (f"lm-eval task `{task}` version {runs[0]['versions'][task]:g}, {runs[0]['n-shot'][task]}-shot, the "
+            f"first {runs[0]['n-samples'][task]['effective']} test problems; ± is lm-eval's standard error\n\n"
+            + markdown_table(header, rows))  # fmt: skip
+
+
+def _met(condition: bool) -> str:
+    return "yes" if condition else "no"
+
+
+def goals_table(speed: dict, cached: dict, tuned: dict, swap: dict, serve: dict) -> str:
+    """The project's goals, each with the present measurement that answers it and whether it is met."""
+    epochs = cached["epochs"]
+    lora_ms = epochs["lora r=8, ordinary epoch"]["ms_per_trained_token"]
+    ordinary = lora_ms / epochs["head, ordinary epoch"]["ms_per_trained_token"]
+    on_cache = lora_ms / epochs["head, cached features"]["ms_per_trained_token"]
+    rows = [[
+        "the head trains at least 2x LoRA's trained tokens/s on real GSM8K batches",
+        f"{ordinary:.3g}x (whole epochs on {cached['data']['examples']} problems); {on_cache:.3g}x for epochs on "
+        "cached features, after the feature pass",
+        _met(ordinary >= 2) + ("" if ordinary >= 2 else f" ({_met(on_cache >= 2)} on cached features)"),
+    ]]  # fmt: skip
+
+    runs = tuned["runs"]
+    base = next(r for r in runs if r["method"] == "base")
+    curve = {m: sorted((r["minutes"], r["perplexity"]) for r in runs if r["method"] == m and r["seed"] == 0)
+             for m in ("head (default config)", "lora r=8 q,k,v,o")}  # fmt: skip
+    head, lora = curve["head (default config)"], curve["lora r=8 q,k,v,o"]
+    rows.append([
+        "the head at or below LoRA's GSM8K test perplexity at equal wall clock, at one budget at least",
+        " / ".join(f"{p:.3f}" for _, p in head) + " against LoRA's " + " / ".join(f"{p:.3f}" for _, p in lora)
+        + " at " + " / ".join(f"{m:g}" for m, _ in head) + " minutes (seed 0)",
+        _met(any(mine <= theirs for (_, mine), (_, theirs) in zip(head, lora, strict=True))),
+    ])  # fmt: skip
+
+    answered = [r for r in runs if r["method"] == "head (default config)" and r["n"]]
+    best = max(answered, key=lambda r: (r["solved"], r["minutes"]))
+    base_low, base_high = wilson_interval(base["solved"], base["n"])
+    low, high = wilson_interval(best["solved"], best["n"])
+    rows.append([
+        "the best head's GSM8K exact match above the base's Wilson interval",
+        f"{best['solved']} of {best['n']} [{low:.3f}, {high:.3f}] after {best['minutes']:g} minutes, against the "
+        f"base's {base['solved']} of {base['n']} [{base_low:.3f}, {base_high:.3f}]",
+        _met(best["solved"] / best["n"] > base_high),
+    ])  # fmt: skip
+
+    training = {r["method"]: r for r in speed["training"]["rows"]}
+    floors = {name: training[f"backattn {name} residual"]["x_floor"] for name in ("raw", "softmax")}
+    rows.append([
+        "a head's training step within 10 % of its FLOP floor + LM loss (every position trained)",
+        ", ".join(f"{x:.3g}x ({name})" for name, x in floors.items()),
+        _met(max(floors.values()) <= 1.1),
+    ])  # fmt: skip
+    generation = {r["variant"]: r for r in speed["generation"]["rows"]}
+    unmerged = generation["backattn raw residual, unmerged"]
+    rows.append([
+        "unmerged generation within 10 % of its FLOP floor (raw residual)",
+        f"{unmerged['x_bare_tokens_per_s']:.3g}x the bare base's tokens/s, floor "
+        f"{unmerged['flop_floor_x_tokens_per_s']:.3g}x",
+        _met(unmerged["x_bare_tokens_per_s"] >= 0.9 * unmerged["flop_floor_x_tokens_per_s"]),
+    ])  # fmt: skip
+    merged = generation["backattn raw residual, merged"]["x_bare_tokens_per_s"]
+    rows.append(["merged generation at least 0.97x the bare base", f"{merged:.3g}x", _met(merged >= 0.97)])
+
+    swaps = {r["method"]: r for r in swap["rows"]}
+    default = swaps["backattn softmax residual"]
+    rows.append([
+        "a head's file at most 1 % of the base's weights",
+        f"{100 * default['file_fraction_of_base']:.3f} % ({default['file_bytes'] / 1e3:.0f} kB of "
+        f"{swap['base_bytes'] / 1e6:.0f} MB)",
+        _met(default["file_fraction_of_base"] <= 0.01),
+    ])  # fmt: skip
+    heads = {name: swaps[f"backattn {name} residual"]["set_adapter_ms"] for name in ("raw", "softmax")}
+    rows.append([
+        "`set_adapter` under 1 ms",
+        ", ".join(f"{ms:.3g} ms ({name})" for name, ms in heads.items()),
+        _met(max(heads.values()) < 1),
+    ])  # fmt: skip
+    spread = serve["speed"]["100 heads"]["vs_one_head"]
+    rows.append([
+        "requests over 100 heads served at 0.9x one head's throughput or better",
+        f"{spread:.3g}x",
+        _met(spread >= 0.9),
+    ])  # fmt: skip
+    return markdown_table(["goal", "measured", "met?"], rows)
+
+
 def base_forward_seconds(speed: dict) -> float:
     """The frozen base's median no-grad forward: the unit every training-step ratio is measured in."""
     return next(r["median_s"] for r in speed["training"]["rows"] if r["method"] == "frozen base, no-grad forward")
@@ -319,7 +495,8 @@ def _loss_curve(run: dict, window: int = 5) -> tuple[list[float], list[float]]:
     return [minutes_per_step * (i + 1) for i in range(len(run["losses"]))], _smooth(run["losses"], window)
 
 
-def main() -> None:
+def tables() -> dict[str, str]:
+    """Every generated block of the pages, by name, from the stored results; no plots, no training."""
     blocks = {}
     for base in ("smollm2", "tiny-gpt2"):
         speed = load(f"speed-{base}")
@@ -343,19 +520,55 @@ def main() -> None:
     tuned = load("tuned")
     if tuned:
         blocks["tuned"] = tuned_table(tuned)
-        tuned_plot(tuned)
-    plots(load("speed-smollm2"), load("memory-smollm2"), quality)
+    scored = load("speed-smollm2-scored")
+    if scored:
+        blocks["speed-scored-smollm2"] = scored_speed_table(scored)
+    cached = load("cached-smollm2")
+    if cached:
+        blocks["cached-speed"] = cached_speed_table(cached)
+        blocks["cached-quality"] = cached_quality_table(cached)
+    serve = load("serve-smollm2")
+    if serve:
+        blocks["serve"] = serve_table(serve)
+    lmeval = [run for run in (load("lmeval-gsm8k-base"), load("lmeval-gsm8k-head")) if run]
+    if lmeval:
+        blocks["lmeval-gsm8k"] = lmeval_table(lmeval)
+    speed = load("speed-smollm2")
+    if speed and cached and tuned and swap and serve:
+        blocks["goals"] = goals_table(speed, cached, tuned, swap, serve)
+    return blocks
 
-    path = DOCS / "results.md"
-    text = path.read_text()
-    for name, table in blocks.items():
-        # The lazy middle group may be empty (a fresh block), so it stops at this block's own end marker.
-        pattern = re.compile(rf"(<!-- generated: {re.escape(name)} -->\n)(.*?)(<!-- end -->)", re.DOTALL)
-        text, count = pattern.subn(lambda m, table=table: m.group(1) + table + "\n" + m.group(3), text)
-        if count == 0:
-            print(f"no block for {name} in {path}")
-    path.write_text(text)
-    print(f"updated {path} ({len(blocks)} tables) and {IMAGES}")
+
+def fill(text: str, blocks: dict[str, str]) -> tuple[str, set[str]]:
+    """`text` with each of its generated blocks rewritten, and the names of the blocks it holds."""
+    found = set()
+
+    def rewrite(match: re.Match) -> str:
+        name = match["name"]
+        found.add(name)
+        if name not in blocks:
+            return match[0]
+        return match[1] + blocks[name] + "\n" + match[4]
+
+    return BLOCK.sub(rewrite, text), found
+
+
+def main() -> None:
+    blocks = tables()
+    placed = set()
+    for path in PAGES:
+        text, found = fill(path.read_text(), blocks)
+        for name in sorted(found - set(blocks)):
+            print(f"{path}: no result file for the block {name}; left as it was")
+        placed |= found
+        path.write_text(text)
+    for name in sorted(set(blocks) - placed):
+        print(f"no block for {name} in {', '.join(str(p) for p in PAGES)}")
+    tuned = load("tuned")
+    if tuned:
+        tuned_plot(tuned)
+    plots(load("speed-smollm2"), load("memory-smollm2"), load("quality"))
+    print(f"updated {', '.join(str(p) for p in PAGES)} ({len(blocks)} tables) and {IMAGES}")
 
 
 if __name__ == "__main__":
