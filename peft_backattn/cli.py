@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
-import io
 import logging
 import math
 import os
-import pickle
-import re
 import sys
-import types
 import typing
 import warnings
 from collections.abc import Callable, Sequence
@@ -26,13 +21,10 @@ from pathlib import Path
 from typing import Any, Literal, NoReturn
 
 import datasets
-import safetensors.torch
 import torch
 import transformers
 from peft import PeftConfig
-from safetensors import SafetensorError
 from transformers import set_seed
-from transformers.trainer_callback import TrainerState
 
 from . import __version__
 from . import lm_eval as harness
@@ -56,6 +48,7 @@ from .workbench.evaluation import (
 )
 from .workbench.features import check_feature_folder
 from .workbench.plots import missing_plots_message, plot_loss_curve, plots_available
+from .workbench.saving import writing
 from .workbench.training import TrainingOptions, attach_head, check_streaming, train_head
 
 # (message pattern, category) of warnings that dependencies raise about their own code, filtered by the command line.
@@ -94,22 +87,10 @@ EXAMPLES = {
 }
 
 
-# Functions of the dependencies that read or write one file, and the parameter that names it. An error raised
-# inside one of them (a truncated checkpoint, a full disk) is about that file, which its message does not name.
-_FILE_READERS: dict[types.CodeType, str] = {
-    torch.load.__code__: "f",
-    safetensors.torch.load_file.__code__: "filename",
-    TrainerState.load_from_json.__func__.__code__: "json_path",
-}
-_FILE_WRITERS: dict[types.CodeType, str] = {
-    torch.save.__code__: "f",
-    safetensors.torch.save_file.__code__: "filename",
-    TrainerState.save_to_json.__code__: "json_path",
-}
-# Errors the command line turns into one line. The first three are raised by the file readers above on a damaged
-# file; one of them raised anywhere else is a bug and keeps its traceback.
-_FILE_ONLY_ERRORS = (EOFError, pickle.UnpicklingError, SafetensorError)
-_USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError, *_FILE_ONLY_ERRORS)
+# Errors the command line turns into one line; anything else is a bug and keeps its traceback. A read or write that
+# fails on a damaged file or a full disk raises one of these naming the file (`workbench.saving.FileReadError` and
+# `FileWriteError`, raised where the path is known).
+_USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
 
 
 def _number(text: str, kind: Callable[[str], int | float], test: Callable[[Any], bool], expected: str):
@@ -319,67 +300,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("peft-backattn: interrupted", file=sys.stderr)
         return 130
     except _USER_ERRORS as error:
-        message = describe_error(error)
-        if message is None:
-            raise
-        print(f"peft-backattn: error: {message}", file=sys.stderr)
+        print(f"peft-backattn: error: {describe_error(error)}", file=sys.stderr)
         return 2
 
 
-def describe_error(error: BaseException) -> str | None:
-    """One line for an error the user can act on, naming the file it is about when a dependency's reader or writer
-    raised it (their messages, e.g. torch's 'unexpected pos 64 vs 0', do not); None for an error that is a bug."""
-    found = _file_in_traceback(error)
-    if found is None:
-        if isinstance(error, _FILE_ONLY_ERRORS):
-            return None
-        return _flat(str(error)) or type(error).__name__
-    path, writing = found
-    if writing:
-        return f"could not write {path} ({_write_failure(error)})"
-    hint = ""
-    checkpoint = next((parent for parent in Path(path).parents if parent.name.startswith("checkpoint-")), None)
-    if checkpoint is not None:
-        hint = f"; delete {checkpoint} to resume from the checkpoint before it, or train without --resume"
-    return f"cannot read {path}: it is truncated or corrupted ({_reason(error)}){hint}"
-
-
-def _file_in_traceback(error: BaseException) -> tuple[str, bool] | None:
-    """(file, whether it was being written) for an error raised inside one of the known readers and writers, or
-    while writing an open file; the innermost such frame counts. Follows `raise ... from` to the original error."""
-    while error is not None:
-        frames = []
-        traceback = error.__traceback__
-        while traceback is not None:
-            frames.append(traceback.tb_frame)
-            traceback = traceback.tb_next
-        for depth, frame in enumerate(reversed(frames)):
-            for table, writing in ((_FILE_READERS, False), (_FILE_WRITERS, True)):
-                name = table.get(frame.f_code)
-                if name is not None and isinstance(frame.f_locals.get(name), (str, os.PathLike)):
-                    return os.fspath(frame.f_locals[name]), writing
-            if depth == 0 and isinstance(error, OSError):  # a write to an open file, e.g. a JSON file on a full disk
-                for value in frame.f_locals.values():
-                    if isinstance(value, io.IOBase) and isinstance(getattr(value, "name", None), str):
-                        return value.name, "r" not in getattr(value, "mode", "r")
-        error = error.__cause__
-    return None
-
-
-def _reason(error: BaseException) -> str:
-    """The error's type and the first sentence of its message (torch's unpickling errors run to a page)."""
-    text = _flat(str(error))
-    sentence = re.split(r"(?<=\.) ", text, maxsplit=1)[0] if text else ""
-    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
-
-
-def _write_failure(error: BaseException) -> str:
-    text = _flat(str(error))
-    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
-        return "no space left on device"
-    if "unexpected pos" in text:  # torch's zip writer when a write comes up short
-        return f"the write stopped short, is the disk full? torch says: {text}"
-    return _reason(error)
+def describe_error(error: BaseException) -> str:
+    """The one line printed for an error the user can act on: its message, on one line."""
+    return _flat(str(error)) or type(error).__name__
 
 
 def _flat(text: str) -> str:
@@ -492,10 +419,8 @@ def _eval(args: argparse.Namespace) -> int:
             "split": args.split,
             "results": {name: result.to_dict() for name, result in results.items()},
         }
-        try:
+        with writing(args.output):
             write_json(args.output, payload)
-        except OSError as error:
-            raise ValueError(f"could not write {args.output} ({_write_failure(error)})") from None
         print(f"Metrics written to {args.output}")
     return 0
 

@@ -285,3 +285,11 @@ def test_a_config_error_from_the_command_line_is_one_line(tmp_path, capsys):
     assert main(["train", "--data", "synthetic", "--output", str(tmp_path / "x"), "--r", "0"]) == 2
     assert capsys.readouterr().err == "peft-backattn: error: BackAttnConfig.r must be a positive integer, got 0.\n"
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: module_name(p))
+def test_no_module_reads_the_frames_of_a_traceback(path):
+    """A damaged or unwritable file is named where it is read or written, never by walking a traceback's frames and
+    their locals (which breaks when a dependency renames a parameter)."""
+    source = path.read_text()
+    assert not re.search(r"\b(tb_frame|f_locals|__traceback__)\b", source), f"{path.name} reads traceback frames"

@@ -223,3 +223,57 @@ def test_clean_leftovers_removes_only_what_a_killed_save_leaves(model, tmp_path)
     )
     assert all((folder / name).read_text() == text for name, text in keep.items())
     assert saving.checkpoints_newest_first(folder) == [folder / "checkpoint-2"]
+
+
+# ---- naming the file a failed save was writing -----------------------------------------------------------------
+
+CHECKPOINT_ORDER = [
+    "adapter_model.safetensors", "adapter_config.json", "training_args.bin", "optimizer.pt", "scheduler.pt",
+    "rng_state.pth", "trainer_state.json",
+]  # fmt: skip
+
+
+def test_a_whole_checkpoint_has_no_unwritten_file(checkpoint):
+    assert saving.unwritten_checkpoint_file(checkpoint) is None
+
+
+@pytest.mark.parametrize("how", ["missing", "truncated"])
+@pytest.mark.parametrize("index", range(len(CHECKPOINT_ORDER)), ids=CHECKPOINT_ORDER)
+def test_a_save_that_failed_midway_names_the_file_it_was_writing(checkpoint, tmp_path, index, how):
+    """The Trainer writes the files in this order: a save that failed on one left it, and all after it, unwritten."""
+    copy = damaged(checkpoint, tmp_path, CHECKPOINT_ORDER[index], how)
+    for later in CHECKPOINT_ORDER[index + 1 :]:
+        (copy / later).unlink()
+    assert saving.unwritten_checkpoint_file(copy) == copy / CHECKPOINT_ORDER[index]
+
+
+def test_an_aborted_torch_save_is_not_a_whole_file(tmp_path, monkeypatch):
+    """A torch.save that fails midway closes an archive without its pickle; that file is not whole."""
+    monkeypatch.setattr("torch.serialization._save", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("cut")))
+    with pytest.raises(RuntimeError):
+        torch.save({"a": 1}, tmp_path / "optimizer.pt")
+    assert saving._torch_file_problem(tmp_path / "optimizer.pt") == "optimizer.pt is truncated or corrupt"
+
+
+@pytest.mark.parametrize("adapter_name", ["default", "math"])
+def test_a_full_disk_during_the_final_save_names_the_heads_file_and_keeps_the_old_head(
+    tmp_path, monkeypatch, adapter_name
+):
+    from safetensors import SafetensorError
+
+    model = get_peft_model(build("gpt2"), BackAttnConfig(r=4), adapter_name=adapter_name)
+    save_head(model, tmp_path / "head")
+    before = (tmp_path / "head" / "adapter_model.safetensors").read_bytes()
+    randomize_heads(model)
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr("safetensors.torch.serialize_file", full)
+    with pytest.raises(saving.FileWriteError) as error:
+        save_head(model, tmp_path / "head")
+    assert (
+        str(error.value)
+        == f"could not write {tmp_path / 'head' / 'adapter_model.safetensors'} (no space left on device)"
+    )
+    assert (tmp_path / "head" / "adapter_model.safetensors").read_bytes() == before

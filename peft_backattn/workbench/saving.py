@@ -18,12 +18,15 @@ training run in the folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,6 +45,58 @@ STAGING_PREFIX = ".saving-"
 _VERSION = re.compile(r"\.head-[0-9a-f]{16}")
 _NEW_LINK = re.compile(r"\.head\.new-[0-9a-f]{16}")
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+
+
+# ---- naming the file a read or write failed on ------------------------------------------------------------------
+# torch's and safetensors' errors on a full disk or a cut file ("unexpected pos 64 vs 0") do not name the file. The
+# call sites that read or write know it, so they raise these instead: one line the command line prints as it is.
+
+
+class FileWriteError(OSError):
+    """Writing `path` failed; the message names the file and why (a full disk, said plainly)."""
+
+    def __init__(self, path: str | os.PathLike, error: BaseException) -> None:
+        super().__init__(f"could not write {os.fspath(path)} ({_write_failure(error)})")
+        self.path = os.fspath(path)
+
+
+class FileReadError(ValueError):
+    """Reading `path` failed: it is truncated or corrupted. The message names it and says what to do."""
+
+    def __init__(self, path: str | os.PathLike, error: BaseException, hint: str = "") -> None:
+        super().__init__(f"cannot read {os.fspath(path)}: it is truncated or corrupted ({_reason(error)}){hint}")
+        self.path = os.fspath(path)
+
+
+# The errors a reader or writer of one file raises when the file or the disk is at fault.
+FILE_ERRORS = (OSError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[None]:
+    """Inside, a failure of the file's writer is a `FileWriteError` naming `path`."""
+    try:
+        yield
+    except FileWriteError:
+        raise
+    except FILE_ERRORS as error:
+        raise FileWriteError(path, error) from error
+
+
+def _reason(error: BaseException) -> str:
+    """The error's type and the first sentence of its message (torch's unpickling errors run to a page)."""
+    text = " ".join(str(error).split())
+    sentence = re.split(r"(?<=\.) ", text, maxsplit=1)[0] if text else ""
+    return f"{type(error).__name__}: {sentence}" if sentence else type(error).__name__
+
+
+def _write_failure(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    if getattr(error, "errno", None) == errno.ENOSPC or "No space left" in text or "StorageFull" in text:
+        return "no space left on device"
+    if "unexpected pos" in text:  # torch's zip writer when a write comes up short
+        return f"the write stopped short, is the disk full? torch says: {text}"
+    return _reason(error)
 
 
 def save_head(model: PeftModel, directory: str | os.PathLike, adapter_name: str | None = None) -> None:
@@ -93,12 +148,18 @@ def _stage(model: PeftModel, name: str, directory: Path) -> Path:
     The head's model card (README.md, from `save_pretrained`) is written into that folder too, so it becomes
     visible with the head's weights and config, in the same step."""
     staging = directory / f"{STAGING_PREFIX}{secrets.token_hex(8)}"
-    with heads_at_top(model):  # the model card (README.md) says to load the head from the folder's top
-        model.save_pretrained(staging, selected_adapters=[name])
-    if name != "default":  # PEFT's sub-folder for a named head; its model card is at the top
-        for item in (staging / name).iterdir():
+    written = staging if name == "default" else staging / name  # PEFT's sub-folder for a named head
+    try:
+        with heads_at_top(model):  # the model card (README.md) says to load the head from the folder's top
+            model.save_pretrained(staging, selected_adapters=[name])
+    except FILE_ERRORS as error:  # name the file as the user will see it, not its staging copy
+        unwritten = (staging / CARD_NAME, written / WEIGHTS_NAME, written / CONFIG_NAME)  # the order PEFT writes them
+        failed = next((path for path in unwritten if not _whole(path)), written / WEIGHTS_NAME)
+        raise FileWriteError(directory / failed.name, error) from error
+    if name != "default":  # its model card is at the top
+        for item in written.iterdir():
             os.replace(item, staging / item.name)
-        (staging / name).rmdir()
+        written.rmdir()
     for item in HEAD_FILES:
         if (staging / item).is_file():
             _fsync(staging / item)
@@ -304,6 +365,38 @@ def checkpoint_problem(folder: str | os.PathLike) -> str | None:
     return None
 
 
+def unwritten_checkpoint_file(folder: str | os.PathLike) -> Path | None:
+    """The file a failed checkpoint save was writing: the first, in the order the Trainer writes them, that is
+    missing or cut short in `folder` (the head, its config, `training_args.bin`, optimizer, scheduler, RNG state,
+    `trainer_state.json`). None when all are whole."""
+    folder = Path(folder)
+    rng_files = sorted(folder.glob("rng_state*.pth")) or [folder / "rng_state.pth"]
+    order = [
+        folder / name for name in (WEIGHTS_NAME, CONFIG_NAME, "training_args.bin", "optimizer.pt", "scheduler.pt")
+    ]
+    return next((path for path in [*order, *rng_files, folder / "trainer_state.json"] if not _whole(path)), None)
+
+
+def _whole(path: Path) -> bool:
+    """Whether a file of a head or checkpoint is there and reads whole (a safetensors, JSON or torch file)."""
+    if path.suffix == ".safetensors":
+        return path.is_file() and _safetensors_readable(path)
+    if path.suffix == ".json":
+        return _json_problem(path) is None
+    if path.suffix in (".pt", ".pth", ".bin"):
+        return _torch_file_problem(path) is None
+    return path.is_file()
+
+
+def _safetensors_readable(path: Path) -> bool:
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()
+    except (SafetensorError, OSError, RuntimeError):
+        return False
+    return True
+
+
 def checkpoints_newest_first(directory: str | os.PathLike) -> list[Path]:
     """The `checkpoint-<step>` folders in `directory`, highest step first."""
     directory = Path(directory)
@@ -339,12 +432,14 @@ def _json_problem(path: Path) -> str | None:
 
 
 def _torch_file_problem(path: Path) -> str | None:
-    """torch.save writes a zip archive with a checksum per member; a cut or damaged file fails this check."""
+    """torch.save writes a zip archive with a checksum per member, its pickle (`<name>/data.pkl`) among them; a cut or
+    damaged file fails this check, and so does the empty archive a save that failed midway closes."""
     if not path.is_file():
         return f"no {path.name}"
     try:
         with zipfile.ZipFile(path) as archive:
-            if archive.testzip() is None:
+            has_pickle = any(member.endswith("/data.pkl") for member in archive.namelist())
+            if has_pickle and archive.testzip() is None:
                 return None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError):
         pass

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from datasets import IterableDataset
 from peft import PeftModel, get_peft_model
+from safetensors import SafetensorError
 from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -42,6 +44,9 @@ from .features import (
 )
 from .problems import MathExample
 from .saving import (
+    FILE_ERRORS,
+    FileReadError,
+    FileWriteError,
     checkpoints_newest_first,
     clean_leftovers,
     first_missing_folder,
@@ -49,6 +54,7 @@ from .saving import (
     remove_empty_folders,
     remove_path,
     save_head,
+    unwritten_checkpoint_file,
 )
 from .scored_positions import ScoredPositionsTrainer
 
@@ -394,7 +400,13 @@ def train_head(
         if not options.progress_bar:
             trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
         train_start = time.monotonic()
-        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except FILE_ERRORS as error:
+            named = _checkpoint_file_error(error, output, trainer.state.global_step, checkpoint)
+            if named is None:
+                raise
+            raise named from error
     except BaseException:
         if created is not None and main_process:
             remove_empty_folders(output, created)  # a run that failed before writing anything leaves no folder behind
@@ -485,6 +497,22 @@ def _cached_run_line(features: CachedFeatures, config: BackAttnConfig, batch_siz
     if config.logit_weighting == "softmax" and not features.weighted_for(config):
         line += "; the cache holds no softmax weights for this head's rms_norm_eps, so each step computes them"
     return line
+
+
+def _checkpoint_file_error(
+    error: BaseException, output: Path, step: int, resumed_from: Path | None
+) -> OSError | ValueError | None:
+    """The Trainer's failure as an error naming the file it was about: a checkpoint file it was writing (a full disk),
+    or the checkpoint it resumed from when that could not be read. None when the failure was about no file."""
+    saving = output / f"checkpoint-{step}"
+    if saving.is_dir() and saving != resumed_from:
+        unwritten = unwritten_checkpoint_file(saving)
+        if unwritten is not None:
+            return FileWriteError(unwritten, error)
+    if resumed_from is not None and isinstance(error, (EOFError, pickle.UnpicklingError, SafetensorError)):
+        hint = f"; delete {resumed_from} to resume from the checkpoint before it, or train without --resume"
+        return FileReadError(resumed_from, error, hint)
+    return None
 
 
 def _resume_checkpoint(output: Path) -> tuple[Path, list[tuple[Path, str]]]:
