@@ -42,6 +42,7 @@ from .features import (
 )
 from .problems import MathExample
 from .saving import (
+    check_writable,
     checkpoints_newest_first,
     clean_leftovers,
     first_missing_folder,
@@ -323,6 +324,7 @@ def train_head(
     output = Path(options.output_dir)
     if (output / "adapter_config.json").exists() and not (options.overwrite or options.resume):
         raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
+    check_writable(output, _option_name("output_dir"))
     streamed = isinstance(examples, IterableDataset)
     if streamed:
         check_streaming(options)
@@ -330,6 +332,7 @@ def train_head(
     main_process = arguments.process_index == 0
     if options.feature_cache is not None:
         check_feature_folder(options.feature_cache, output)
+        check_writable(options.feature_cache, _option_name("feature_cache"))
         if arguments.world_size > 1:
             raise ValueError("--feature-cache trains in one process; run it without accelerate launch.")
     checkpoint, skipped = _resume_checkpoint(output) if options.resume else (None, [])
