@@ -41,6 +41,7 @@ from .features import (
     head_layer,
 )
 from .problems import MathExample
+from .progress import Progress, is_terminal
 from .saving import (
     check_writable,
     checkpoints_newest_first,
@@ -94,7 +95,12 @@ class TrainingOptions:
     overwrite: bool = field(default=False, metadata={"help": "replace a head already in the output folder"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in the output folder"})
     progress_bar: bool = field(
-        default=True, metadata={"help": "show a progress bar (else one line per logged step)", "flag": "--no-progress"}
+        default=True,
+        metadata={
+            "help": "show progress: the Trainer's bar on a terminal, a line a minute in a log (else one line per "
+            "logged step)",
+            "flag": "--no-progress",
+        },
     )
     save_final: bool = field(
         default=True,
@@ -189,7 +195,9 @@ class TrainingOptions:
             data_seed=self.seed,
             report_to=[],
             use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=not self.progress_bar,
+            # The Trainer's tqdm bar only on a terminal, as the package's own bars: in a log it writes carriage
+            # returns, and train_head prints a plain line a minute there instead (_ProgressLines).
+            disable_tqdm=not (self.progress_bar and is_terminal()),
             remove_unused_columns=False,
             dataloader_num_workers=0,
             logging_nan_inf_filter=False,  # a NaN loss is logged as such (and stops training), not averaged away
@@ -236,6 +244,31 @@ class _LossPrinter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
             print(f"    step {state.global_step}: loss {float(logs['loss']):.4f}", flush=True)
+
+
+class _ProgressLines(TrainerCallback):
+    """The Trainer's progress where stderr is not a terminal (a log, a pipe): the plain lines of
+    `workbench.progress`, at most one a minute with the time left and the last logged loss, in place of its bar."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.loss: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # a resumed run counts the steps it has left
+            self.progress = Progress(state.max_steps - state.global_step, "training", unit="step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(1, **({"loss": self.loss} if self.loss is not None else {}))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.close()
 
 
 class _TimeBudget(TrainerCallback):
@@ -364,6 +397,8 @@ def train_head(
         callbacks.append(_TimeBudget(options.time_budget_seconds, start if options.feature_cache else None))
     if not options.progress_bar:
         callbacks.append(_LossPrinter())
+    elif not is_terminal():
+        callbacks.append(_ProgressLines())
     callbacks += user_callbacks
     created = first_missing_folder(output)  # the folder (or its first missing parent) this run creates, if any
     features = None
