@@ -430,9 +430,8 @@ def _train(args: argparse.Namespace) -> int:
     if options.feature_cache is not None:
         check_feature_folder(options.feature_cache, output)
         check_writable(options.feature_cache, "--feature-cache")
+    check_streaming(options, streamed=args.streaming)
     check_positions(load_base_config(args.model), options.max_length, "--max-length (max_length)")
-    if args.streaming:
-        check_streaming(options)
     source = {"fields": args.fields, "split": args.split, "limit": args.limit, "subset": args.subset}
     examples = stream_examples(args.data, **source) if args.streaming else _load_data(args, seed=options.seed)
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)

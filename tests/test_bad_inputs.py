@@ -440,7 +440,7 @@ def a_file(tmp: Path, world: World) -> None:
 
 
 NO_MODEL = ["--model", "{tmp}/no-model"]
-OUTPUT_CASES = [
+SECTION_C_CASES = [
     Case("train-output-under-a-file", [*TRAIN, *NO_MODEL, "--output", "{tmp}/a-file/head"],
          "--output {tmp}/a-file/head cannot be created: {tmp}/a-file is a file, not a folder", a_file),
     Case("train-output-deep-under-a-file", [*TRAIN, *NO_MODEL, "--output", "{tmp}/a-file/runs/1/head"],
@@ -459,8 +459,20 @@ OUTPUT_CASES = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize("case", OUTPUT_CASES, ids=[case.id for case in OUTPUT_CASES])
-def test_an_output_that_cannot_be_written_is_refused_before_anything_is_loaded(
+# A streamed data set ends before --steps: training stops there unless --repeat-stream is given (item 10); a stream
+# too short for one optimiser step is an error either way, as repeating it would never reach --steps.
+STREAM = [*TRAIN_OUT, "--data", "{tmp}/rows.jsonl", "--streaming", "--steps", "3"]
+SECTION_C_CASES += [
+    Case("train-repeat-stream-without-streaming", [*TRAIN_OUT, *NO_MODEL, "--steps", "2", "--repeat-stream"],
+         "--repeat-stream (repeat_stream) starts a streamed data set again; without --streaming, give --epochs"),
+    Case("train-stream-shorter-than-one-step", [*STREAM, "--grad-accum", "2", "--repeat-stream"],
+         ("The streamed data ended after its 1 example without an optimiser step", "= 8 examples per process",
+          "no head was saved"), write("rows.jsonl", ROW + "\n")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SECTION_C_CASES, ids=[case.id for case in SECTION_C_CASES])
+def test_unwritable_outputs_and_streams_are_refused_in_one_line_and_change_nothing(
     case, world, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.chdir(tmp_path)

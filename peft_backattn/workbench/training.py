@@ -102,6 +102,13 @@ class TrainingOptions:
             "flag": "--no-progress",
         },
     )
+    repeat_stream: bool = field(
+        default=False,
+        metadata={
+            "help": "with --streaming: when the data ends before --steps, start it again from its first row (without "
+            "it, training stops at the end of the data and says so)"
+        },
+    )
     save_final: bool = field(
         default=True,
         metadata={
@@ -159,7 +166,7 @@ class TrainingOptions:
             ),
             **{
                 name: (isinstance(getattr(self, name), bool), "True or False")
-                for name in ("overwrite", "resume", "progress_bar", "save_final")
+                for name in ("overwrite", "resume", "progress_bar", "repeat_stream", "save_final")
             },
         }
         for name, (valid, expected) in checks.items():
@@ -271,6 +278,72 @@ class _ProgressLines(TrainerCallback):
             self.progress.close()
 
 
+class _StreamEnd(TrainerCallback):
+    """A streamed data set that ends before `max_steps` is never gone over again in silence.
+
+    The Trainer starts a stream that runs out again from its first row, until `max_steps`. Without `repeat`, training
+    stops at the end of the data instead, with a line that says so; with it, the run ends with a line that says how
+    many times the data ended and how many passes the steps made. A pass that makes no optimiser step (fewer rows than
+    one step takes) is an error either way: repeating it would never reach `max_steps`.
+    """
+
+    def __init__(self, truncation: TruncationReport, repeat: bool, main_process: bool) -> None:
+        self.truncation, self.repeat, self.main_process = truncation, repeat, main_process
+        self.ends = 0  # times the data ran out before max_steps
+        self.rows_per_pass = 0
+        self.first_step = self.step_at_first_end = self.step_at_last_end = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = self.step_at_last_end = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            return  # the steps, the time budget or an error ended the run, not the data
+        stalled = state.global_step == self.step_at_last_end
+        if not self.ends:
+            self.step_at_first_end = state.global_step
+        self.ends += 1
+        self.rows_per_pass = self.rows_per_pass or self.truncation.total
+        self.step_at_last_end = state.global_step
+        rows = f"{self.rows_per_pass} example{'' if self.rows_per_pass == 1 else 's'}"
+        if stalled:
+            one_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+            raise ValueError(
+                f"The streamed data ended after its {rows} without an optimiser step (one takes --batch-size x "
+                f"--grad-accum = {one_step} examples per process); no head was saved."
+            )
+        if not self.repeat:
+            control.should_training_stop = True
+            self._say(
+                f"the stream ended after its {rows}, at step {state.global_step} of --steps "
+                f"{state.max_steps}; training stops there (--repeat-stream starts it again from its first row until "
+                "--steps)."
+            )
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        passes = self.passes(state.global_step)
+        if self.repeat and passes is not None and passes > self.ends:
+            times = f"{self.ends} time{'s' if self.ends > 1 else ''}"
+            self._say(
+                f"the stream of {self.rows_per_pass} examples ended {times} before --steps {state.max_steps} and "
+                f"was started again each time (--repeat-stream): {state.global_step} steps made {passes:.1f} passes "
+                "over it."
+            )
+
+    def passes(self, step: int) -> float | None:
+        """Passes over the data up to optimiser step `step` (one pass counts the steps up to the first end); None
+        while the data has not ended."""
+        steps_per_pass = self.step_at_first_end - self.first_step if self.ends else 0
+        if steps_per_pass <= 0:
+            return float(self.ends) if self.ends else None
+        return self.ends + (step - self.step_at_last_end) / steps_per_pass
+
+    def _say(self, text: str) -> None:
+        if self.main_process:
+            print(f"Training data: {text}", flush=True)
+
+
 class _TimeBudget(TrainerCallback):
     """Stops training once the wall-clock budget is spent (the demo trains for minutes, not for steps).
 
@@ -359,8 +432,7 @@ def train_head(
         raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
     check_writable(output, _option_name("output_dir"))
     streamed = isinstance(examples, IterableDataset)
-    if streamed:
-        check_streaming(options)
+    check_streaming(options, streamed)
     arguments = options.training_arguments()
     main_process = arguments.process_index == 0
     if options.feature_cache is not None:
@@ -399,6 +471,9 @@ def train_head(
         callbacks.append(_LossPrinter())
     elif not is_terminal():
         callbacks.append(_ProgressLines())
+    stream_end = _StreamEnd(truncation, options.repeat_stream, main_process) if streamed else None
+    if stream_end is not None:
+        callbacks.append(stream_end)
     callbacks += user_callbacks
     created = first_missing_folder(output)  # the folder (or its first missing parent) this run creates, if any
     features = None
@@ -441,7 +516,8 @@ def train_head(
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if streamed and main_process:
         print(f"Training data: {truncation}", flush=True)
-    record_card_details(model, training=card_training_details(options, trainer, seconds, losses, truncation))
+    passes = stream_end.passes(trainer.state.global_step) if stream_end is not None else None
+    record_card_details(model, training=card_training_details(options, trainer, seconds, losses, truncation, passes))
     with gathered_head(model):  # DeepSpeed ZeRO-3: every process helps gather the head's weights for the save
         if options.save_final and main_process:
             save_head(model, options.output_dir)  # the model card (README.md) is written in the same version
@@ -459,8 +535,16 @@ def train_head(
     )
 
 
-def check_streaming(options: TrainingOptions) -> None:
-    """Refuse options that cannot train on a streamed data set: it has no length to count epochs with."""
+def check_streaming(options: TrainingOptions, streamed: bool = True) -> None:
+    """Refuse options that cannot train on a streamed data set (it has no length to count epochs with), and the
+    stream's own option, `repeat_stream`, without one."""
+    if not streamed:
+        if options.repeat_stream:
+            raise ValueError(
+                "--repeat-stream (repeat_stream) starts a streamed data set again; without --streaming, give --epochs "
+                "for more passes over the data."
+            )
+        return
     if options.max_steps <= 0:
         raise ValueError("A streamed data set has no length to make epochs of; give --steps (max_steps > 0).")
     if options.feature_cache is not None:
@@ -468,9 +552,15 @@ def check_streaming(options: TrainingOptions) -> None:
 
 
 def card_training_details(
-    options: TrainingOptions, trainer: Trainer, seconds: float, losses: list[float], truncation: TruncationReport
+    options: TrainingOptions,
+    trainer: Trainer,
+    seconds: float,
+    losses: list[float],
+    truncation: TruncationReport,
+    stream_passes: float | None = None,
 ) -> dict[str, object]:
-    """The training run as the head's model card shows it (see `peft_backattn.model_card`)."""
+    """The training run as the head's model card shows it (see `peft_backattn.model_card`); `stream_passes`, the
+    passes over a streamed data set that ended during the run."""
     details: dict[str, object] = {
         "trainer": f"transformers Trainer ({type(trainer).__name__}, in peft_backattn.workbench.training.train_head)",
         "optimiser steps": trainer.state.global_step,
@@ -486,6 +576,9 @@ def card_training_details(
         "examples read": truncation.total,
         "examples truncated / dropped": f"{truncation.truncated} / {truncation.dropped}",
     }
+    if stream_passes is not None:
+        repeated = " (--repeat-stream)" if options.repeat_stream else ""
+        details["passes over the streamed data"] = f"{stream_passes:.1f}{repeated}"
     if losses:
         details["training loss, first and last logged"] = f"{losses[0]:.4f} -> {losses[-1]:.4f}"
     return details
