@@ -48,7 +48,7 @@ from .workbench.evaluation import (
 )
 from .workbench.features import check_feature_folder
 from .workbench.plots import missing_plots_message, plot_loss_curve, plots_available
-from .workbench.saving import writing
+from .workbench.saving import check_writable, writing
 from .workbench.training import TrainingOptions, attach_head, check_streaming, train_head
 
 # (message pattern, category) of warnings that dependencies raise about their own code, filtered by the command line.
@@ -352,11 +352,12 @@ def _train(args: argparse.Namespace) -> int:
     output = Path(options.output_dir)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file; pass a folder for the head and its checkpoints.")
+    check_writable(output, "--output")  # before anything is loaded: a run must not learn this at its first save
     if options.feature_cache is not None:
         check_feature_folder(options.feature_cache, output)
+        check_writable(options.feature_cache, "--feature-cache")
+    check_streaming(options, streamed=args.streaming)
     check_positions(load_base_config(args.model), options.max_length, "--max-length (max_length)")
-    if args.streaming:
-        check_streaming(options)
     source = {"fields": args.fields, "split": args.split, "limit": args.limit, "subset": args.subset}
     examples = stream_examples(args.data, **source) if args.streaming else _load_data(args, seed=options.seed)
     base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
@@ -386,6 +387,8 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError("Nothing to evaluate: --no-base without --heads.")
     if args.output and Path(args.output).is_dir():
         raise ValueError(f"--output {args.output} is a folder; pass a JSON file name for the metrics.")
+    if args.output:
+        check_writable(args.output, "--output", file=True)
     head_names(args.heads)  # each folder holds a head, checked before anything is loaded
     check_positions(load_base_config(args.model), args.max_length, "--max-length")
     examples = _load_data(args, seed=args.seed)

@@ -14,6 +14,7 @@ from peft.config import PeftConfig
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import PeftType, TaskType
 
+from ._base_names import published_base
 from ._files import validate_head_folder
 from ._peft_type import PEFT_TYPE_NAME
 
@@ -181,6 +182,17 @@ class BackAttnConfig(PeftConfig):
         if os.path.isdir(folder):
             validate_head_folder(folder, config)
         return config
+
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """Write adapter_config.json with the base named as it may be published (`_base_names.published_base`): a
+        hub id, or a local folder's name, never a path of this machine. The config in memory keeps its value (PEFT
+        reads the base's config through it while it saves)."""
+        recorded = self.base_model_name_or_path
+        self.base_model_name_or_path = published_base(recorded).name
+        try:
+            super().save_pretrained(save_directory, **kwargs)
+        finally:
+            self.base_model_name_or_path = recorded
 
     @classmethod
     def check_kwargs(cls, **kwargs) -> dict:

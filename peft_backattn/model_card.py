@@ -26,6 +26,7 @@ from huggingface_hub import ModelCard
 from peft import PeftConfig, PeftModel
 from peft import __version__ as peft_version
 
+from ._base_names import PublishedBase, published_base
 from ._files import expected_head_shapes
 from .config import BackAttnConfig
 from .layer import BackAttnLayer
@@ -110,14 +111,26 @@ def backattn_card(create_or_update):
         ModelCard("---\nlibrary_name: peft\n---\n\n" + model_card_text(self, heads)).save(path)
         create_or_update(self, output_dir)  # PEFT's metadata: library_name, base_model, pipeline_tag, tags
         card = ModelCard.load(path)
-        tags = set(card.data.tags or []) | set(TAGS)
-        if not card.data.get("base_model"):  # a base built in memory has no name to point to
+        # PEFT names the base by its path; the hub takes only a hub id (none for a base built in memory).
+        base = _base_of(self, heads[0])
+        tags = {tag for tag in card.data.tags or [] if not tag.startswith("base_model:")} | set(TAGS)
+        if base.hub_id:
+            card.data.base_model = base.name
+            tags.add(f"base_model:adapter:{base.name}")
+        else:
             card.data.pop("base_model", None)
-            tags.discard("base_model:adapter:")
         card.data.tags = sorted(tags)
         card.save(path)
 
     return wrapper
+
+
+def _base_of(model: PeftModel, adapter_name: str) -> PublishedBase:
+    """What head `adapter_name`'s card calls its base: the publishable name (`_base_names.published_base`) of the
+    base it is attached to, as PEFT's card names it, else of the one its config records (a base built in memory has
+    no name). Its adapter_config.json names the recorded base by the same rule (`BackAttnConfig.save_pretrained`)."""
+    attached = getattr(model.get_base_model(), "name_or_path", "")
+    return published_base(attached or model.peft_config[adapter_name].base_model_name_or_path)
 
 
 def _layer(model: PeftModel) -> BackAttnLayer | None:
@@ -157,17 +170,18 @@ def model_card_text(model: PeftModel, adapter_names: list[str]) -> str:
     base = model.get_base_model()
     first = model.peft_config[adapter_names[0]]
     architecture = (getattr(base.config, "architectures", None) or [type(base).__name__])[0]
-    named = first.base_model_name_or_path or getattr(base, "name_or_path", "")
-    base_name = named or f"a {architecture} base model"
+    published = _base_of(model, adapter_names[0])
+    named = published.name
+    title = named or f"a {architecture} base model"
     load_name = named or "BASE_MODEL"
     tied = bool(getattr(base.config, "tie_word_embeddings", False))
     which = "head" if len(adapter_names) == 1 else "heads"
     names = ", ".join(f"`{name}`" for name in adapter_names)
-    shown = f"`{named}`" if named else base_name
+    shown = f"`{named}`" if named else title
     lines = [
         CARD_MARK,
         "",
-        f"# backattn {which} {names} for {base_name}",
+        f"# backattn {which} {names} for {title}",
         "",
         f"A backward-attention output {which} (package `peft-backattn`, PEFT method `backattn`) for the frozen "
         f"causal language model {shown}. The head wraps the model's output layer: it reads the base model's "
@@ -180,6 +194,7 @@ def model_card_text(model: PeftModel, adapter_names: list[str]) -> str:
         f"- **Base model:** {shown} ({architecture}; vocabulary {first.base_vocab_size}, hidden size "
         f"{first.base_hidden_size}, embedding width {first.base_embedding_dim}; output layer "
         f"`{first.head_module}`, {'tied to' if tied else 'separate from'} the input embeddings)",
+        *([f"- **Where the base came from:** {published.note}"] if published.note else []),
         "- **Method:** backattn, a PEFT method registered by `import peft_backattn`",
     ]
     for name in adapter_names:
@@ -208,6 +223,7 @@ def model_card_text(model: PeftModel, adapter_names: list[str]) -> str:
         "from peft import PeftModel",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
+        *([] if published.hub_id or not named else [f'# "{named}" was a local folder: give its path']),
         f'base = AutoModelForCausalLM.from_pretrained("{load_name}")',
         f'tokenizer = AutoTokenizer.from_pretrained("{load_name}")',
         *subfolder,

@@ -481,3 +481,88 @@ FEATURE_CACHE_CASES = [
 def test_a_feature_cache_of_another_base_or_damaged_is_refused(case, world, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     check_refused(case, world, tmp_path, capsys)
+
+
+# ---- What a user sees and keeps (issue 18, section C) --------------------------------------------------------------
+# An output that cannot be written is refused before anything is loaded: the run would otherwise learn it at its first
+# save, after the work. Tests run as root, who may write in any folder, so the unwritable path here is one under a
+# regular file. Each case names a model and data that do not exist: the output is checked before either is read.
+def a_file(tmp: Path, world: World) -> None:
+    (tmp / "a-file").write_text("not a folder")
+
+
+NO_MODEL = ["--model", "{tmp}/no-model"]
+SECTION_C_CASES = [
+    Case("train-output-under-a-file", [*TRAIN, *NO_MODEL, "--output", "{tmp}/a-file/head"],
+         "--output {tmp}/a-file/head cannot be created: {tmp}/a-file is a file, not a folder", a_file),
+    Case("train-output-deep-under-a-file", [*TRAIN, *NO_MODEL, "--output", "{tmp}/a-file/runs/1/head"],
+         "--output {tmp}/a-file/runs/1/head cannot be created: {tmp}/a-file is a file", a_file),
+    Case("train-feature-cache-under-a-file", [*TRAIN_OUT, *NO_MODEL, "--feature-cache", "{tmp}/a-file/features"],
+         "--feature-cache {tmp}/a-file/features cannot be created: {tmp}/a-file is a file", a_file),
+    Case("train-streaming-output-under-a-file",
+         [*TRAIN, *NO_MODEL, "--data", "{tmp}/no-data.jsonl", "--streaming", "--steps", "2", "--output",
+          "{tmp}/a-file/head"], "--output {tmp}/a-file/head cannot be created", a_file),
+    Case("eval-output-under-a-file", [*EVAL, *NO_MODEL, "--output", "{tmp}/a-file/results.json"],
+         "--output {tmp}/a-file/results.json cannot be created: {tmp}/a-file is a file", a_file),
+    Case("demo-output-dir-under-a-file", [*DEMO, *NO_MODEL, "--output-dir", "{tmp}/a-file/demo"],
+         "--output-dir (output_dir) {tmp}/a-file/demo cannot be created: {tmp}/a-file is a file", a_file),
+    Case("demo-output-dir-is-a-file", [*DEMO, *NO_MODEL, "--output-dir", "{tmp}/a-file"],
+         "--output-dir (output_dir) {tmp}/a-file cannot be created: {tmp}/a-file is a file", a_file),
+]  # fmt: skip
+
+
+# A streamed data set ends before --steps: training stops there unless --repeat-stream is given (item 10); a stream
+# too short for one optimiser step is an error either way, as repeating it would never reach --steps.
+STREAM = [*TRAIN_OUT, "--data", "{tmp}/rows.jsonl", "--streaming", "--steps", "3"]
+SECTION_C_CASES += [
+    Case("train-repeat-stream-without-streaming", [*TRAIN_OUT, *NO_MODEL, "--steps", "2", "--repeat-stream"],
+         "--repeat-stream (repeat_stream) starts a streamed data set again; without --streaming, give --epochs"),
+    Case("train-stream-shorter-than-one-step", [*STREAM, "--grad-accum", "2", "--repeat-stream"],
+         ("The streamed data ended after its 1 example without an optimiser step", "= 8 examples per process",
+          "no head was saved"), write("rows.jsonl", ROW + "\n")),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", SECTION_C_CASES, ids=[case.id for case in SECTION_C_CASES])
+def test_unwritable_outputs_and_streams_are_refused_in_one_line_and_change_nothing(
+    case, world, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    check_refused(case, world, tmp_path, capsys)
+
+
+def test_a_read_only_output_folder_is_refused_before_anything_is_loaded(world, tmp_path, monkeypatch, capsys):
+    """A folder this user may not write in (as root, only a read-only file system is one: its answer is faked)."""
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    real_access = os.access
+
+    def access(path, mode, **kwargs):
+        return False if Path(path) == read_only and mode & os.W_OK else real_access(path, mode, **kwargs)
+
+    monkeypatch.setattr(os, "access", access)
+    case = Case("train-output-read-only", [*TRAIN, *NO_MODEL, "--output", "{tmp}/read-only/head"],
+                "--output {tmp}/read-only/head cannot be written: {tmp}/read-only is not writable")  # fmt: skip
+    check_refused(case, world, tmp_path, capsys)
+
+
+def test_train_head_refuses_an_output_it_cannot_write_before_it_trains(world, tmp_path, monkeypatch):
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peft_backattn import BackAttnConfig
+    from peft_backattn.workbench.synthetic import generate_examples
+    from peft_backattn.workbench.training import train_head
+
+    a_file(tmp_path, world)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(world.model), BackAttnConfig(r=4))
+    monkeypatch.setattr("peft_backattn.workbench.training.tokenize_examples", pytest.fail)  # no work may start
+    options = TrainingOptions(output_dir=str(tmp_path / "a-file" / "head"), max_steps=1, progress_bar=False)
+    with pytest.raises(
+        ValueError, match=r"--output \(output_dir\) .*a-file/head cannot be created: .*a-file is a file"
+    ):
+        train_head(model, AutoTokenizer.from_pretrained(world.model), generate_examples(4), options)
+    options = TrainingOptions(str(tmp_path / "head"), max_steps=1, feature_cache=str(tmp_path / "a-file" / "cache"))
+    with pytest.raises(ValueError, match=r"--feature-cache \(feature_cache\) .*a-file/cache cannot be created"):
+        train_head(model, AutoTokenizer.from_pretrained(world.model), generate_examples(4), options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

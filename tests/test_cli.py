@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -236,6 +237,41 @@ def test_train_ends_with_its_loss_curve(tiny_lm_dir, tmp_path, capsys):
     assert train(tiny_lm_dir, output, "--steps", "4", "--logging-steps", "2") == 0
     assert png_size(output / "training_loss.png")[0] > 0
     assert f"Loss curve: {output / 'training_loss.png'}" in capsys.readouterr().out
+
+
+WITH_PROGRESS = [arg for arg in TRAIN if arg != "--no-progress"]
+
+
+def test_train_with_stderr_in_a_file_writes_no_carriage_returns(tiny_lm_dir, tmp_path):
+    """The Trainer's bar follows the package's own terminal test: with stderr redirected to a file, no bar."""
+    command = [sys.executable, "-m", "peft_backattn.cli", "train", "--model", str(tiny_lm_dir), *WITH_PROGRESS,
+               "--steps", "3", "--output", str(tmp_path / "head")]  # fmt: skip
+    with open(tmp_path / "err.log", "wb") as err, open(tmp_path / "out.log", "wb") as out:
+        result = subprocess.run(
+            command, stdout=out, stderr=err, timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1")
+        )
+    log = (tmp_path / "err.log").read_bytes() + (tmp_path / "out.log").read_bytes()
+    assert result.returncode == 0, log.decode()[-3000:]
+    assert b"\r" not in log and b"Trained 3 steps" in log
+
+
+def test_train_shows_progress_lines_in_a_log_and_the_bar_on_a_terminal(tiny_lm_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("peft_backattn.workbench.progress.LINE_INTERVAL_SECONDS", 0)  # a line per step
+    assert run_cli("train", "--model", tiny_lm_dir, *WITH_PROGRESS, "--steps", "3", "--output", tmp_path / "log") == 0
+    out, err = capsys.readouterr()
+    lines = [line.strip().split(" in ")[0] for line in out.splitlines() if line.strip().startswith("training: ")]
+    assert lines == ["training: 1/3 steps", "training: 2/3 steps", "training: 3/3 steps"], out
+    assert "\r" not in out + err
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert run_cli("train", "--model", tiny_lm_dir, *WITH_PROGRESS, "--steps", "3", "--output", tmp_path / "tty") == 0
+    assert "\r" in terminal.getvalue() and "3/3" in terminal.getvalue()  # tqdm's bar
+    assert "training: " not in capsys.readouterr().out
 
 
 def test_every_option_has_help_text():

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from peft_backattn.workbench import plots
-from peft_backattn.workbench.progress import Progress
+from peft_backattn.workbench.progress import Progress, is_terminal
 
 
 class Terminal(io.StringIO):
@@ -69,6 +69,19 @@ def test_no_progress_shows_nothing(stderr):
         for _ in range(3):
             progress.update(1)
     assert stderr.getvalue() == "" and stdout.getvalue() == ""
+
+
+def test_a_stream_without_isatty_or_none_is_no_terminal(monkeypatch):
+    """`is_terminal` is the one test of bars (the Trainer's included): a stand-in stream, or none, draws none."""
+    assert is_terminal(Terminal()) and not is_terminal(io.StringIO())
+    monkeypatch.setattr("sys.stderr", None)  # pythonw
+    assert not is_terminal()
+    monkeypatch.setattr("sys.stderr", object())  # a stand-in without isatty
+    stdout = io.StringIO()
+    with Progress(2, "perplexity", stdout=stdout, interval=0) as progress:
+        progress.update(1)
+        progress.update(1)
+    assert progress.mode == "lines" and "perplexity: 2/2 batches" in stdout.getvalue()
 
 
 def png_size(path: Path) -> tuple[int, int]:

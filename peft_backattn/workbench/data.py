@@ -324,14 +324,17 @@ def describe_source(
     subset: str | None = None,
     streaming: bool = False,
 ) -> str:
-    """The training data in one line, as a head's model card names it (the arguments of `load_problems`)."""
+    """The training data in one line, as a head's model card names it (the arguments of `load_problems`): a hub
+    dataset by its name, a local file by its file name only (the card is published; the path is this machine's)."""
     if source == SYNTHETIC_SOURCE:
         return f"`synthetic`: {limit or 1000} generated arithmetic word problems (split {split})"
-    where = f"`{source}`"
-    if subset:
-        where += f" (configuration {subset}, split {split})"
-    elif not os.path.exists(os.path.expanduser(source)):  # a hub dataset: the split applies
-        where += f" (split {split})"
+    local = os.path.expanduser(source)
+    if os.path.exists(local):
+        where = f"`{os.path.basename(os.path.normpath(local))}` (a local file)"
+    elif subset:
+        where = f"`{source}` (configuration {subset}, split {split})"
+    else:  # a hub dataset: the split applies
+        where = f"`{source}` (split {split})"
     rows = f"the first {limit} rows" if limit else "all rows"
     return f"{where}, {rows}{', streamed' if streaming else ''}; fields: {fields or 'detected'}"
 

@@ -21,6 +21,7 @@ from .base_models import EMBEDDED_DEFAULT, check_positions, load_base_model
 from .evaluation import BASE_NAME, EvalResult, evaluate_heads, format_table, generate_solutions, write_json
 from .plots import missing_plots_message, plot_comparison, plot_loss_curve, plots_available
 from .problems import MathExample
+from .saving import check_writable
 from .synthetic import generate_examples
 from .training import TrainingOptions, TrainingReport, attach_head, train_head
 
@@ -56,6 +57,7 @@ def run_demo(
     `eval_minutes` bounds the evaluation of base and head; `progress` shows progress within each step.
     """
     _check_options(train_minutes, eval_minutes, seed)
+    check_writable(output_dir, "--output-dir (output_dir)")  # before the base is loaded and a head trained
     start = _CLOCK["start"] = time.monotonic()
     output = Path(output_dir)
     torch.set_num_threads(max(1, torch.get_num_threads()))

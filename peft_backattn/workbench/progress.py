@@ -1,10 +1,10 @@
 """Progress of long work, the way the HF ecosystem shows it: a tqdm bar on a terminal, plain lines in a log.
 
 On a terminal (stderr is a TTY) a `tqdm` bar on stderr shows the count, the rate and the time left, as the Trainer
-and `datasets` do. When stderr is not a terminal (a log file, a pipe, CI) a bar would write hundreds of carriage
-returns, so one line on stdout replaces it, at most one per `interval` seconds (a minute by default) and, once any
-was written, one at the end: work that ends within the interval stays quiet. `enabled=False` (the command line's
-`--no-progress`) shows nothing.
+and `datasets` do; `is_terminal` is that test, and training applies it to the Trainer's own bar. When stderr is not
+a terminal (a log file, a pipe, CI) a bar would write hundreds of carriage returns, so one line on stdout replaces
+it, at most one per `interval` seconds (a minute by default) and, once any was written, one at the end: work that
+ends within the interval stays quiet. `enabled=False` (the command line's `--no-progress`) shows nothing.
 """
 
 from __future__ import annotations
@@ -17,6 +17,14 @@ from typing import TextIO
 from tqdm.auto import tqdm
 
 LINE_INTERVAL_SECONDS = 60.0  # at most one progress line a minute in a log
+
+
+def is_terminal(stream: TextIO | None = None) -> bool:
+    """Whether progress on `stream` (sys.stderr by default) may be a bar: the one test for every bar the package
+    shows, the Trainer's included (`TrainingOptions.training_arguments`)."""
+    stream = stream if stream is not None else sys.stderr
+    isatty = getattr(stream, "isatty", None)  # sys.stderr is None under pythonw, and a stand-in may lack isatty
+    return bool(isatty is not None and isatty())
 
 
 class Progress:
@@ -41,7 +49,7 @@ class Progress:
         self.lines_written = 0
         self._stdout = stdout
         stderr = stderr if stderr is not None else sys.stderr
-        self.mode = "off" if not enabled else ("bar" if stderr.isatty() else "lines")
+        self.mode = "off" if not enabled else ("bar" if is_terminal(stderr) else "lines")
         self._bar = tqdm(total=total, desc=description, unit=unit, file=stderr) if self.mode == "bar" else None
 
     def update(self, count: int = 1, **figures: float) -> None:

@@ -297,6 +297,27 @@ def first_missing_folder(path: Path) -> Path | None:
     return missing
 
 
+def check_writable(path: str | os.PathLike, option: str, *, file: bool = False) -> None:
+    """Refuse, in one line and before any work, an output the run could not write: it would find out at its first
+    save, after the work (a training run, an evaluation), and lose it.
+
+    Writes nothing: looks at the nearest existing folder on the way to `path` (the folder itself, or the one the
+    missing folders would be created in; for a `file`, its folder), which must be a folder this process may write
+    in. `option` names the path in the message, e.g. '--output'.
+    """
+    path = Path(path)
+    folder = path.parent if file else path
+    existing = next(candidate for candidate in (folder, *folder.parents) if os.path.lexists(candidate))
+    if not existing.is_dir():
+        what = "a file, not a folder" if existing.is_file() else "not a folder"
+        raise ValueError(f"{option} {path} cannot be created: {existing} is {what}; pass a path in a folder.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"{option} {path} cannot be written: {existing} is not writable (no permission, or a read-only file "
+            "system); pass a folder you can write to."
+        )
+
+
 def remove_empty_folders(path: Path, up_to: Path) -> None:
     """Remove `path` and its parents up to `up_to` as long as they are empty folders (never anything with files)."""
     for folder in (path, *path.parents):

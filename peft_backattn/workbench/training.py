@@ -43,10 +43,12 @@ from .features import (
     head_layer,
 )
 from .problems import MathExample
+from .progress import Progress, is_terminal
 from .saving import (
     FILE_ERRORS,
     FileReadError,
     FileWriteError,
+    check_writable,
     checkpoints_newest_first,
     clean_leftovers,
     first_missing_folder,
@@ -99,7 +101,19 @@ class TrainingOptions:
     overwrite: bool = field(default=False, metadata={"help": "replace a head already in the output folder"})
     resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in the output folder"})
     progress_bar: bool = field(
-        default=True, metadata={"help": "show a progress bar (else one line per logged step)", "flag": "--no-progress"}
+        default=True,
+        metadata={
+            "help": "show progress: the Trainer's bar on a terminal, a line a minute in a log (else one line per "
+            "logged step)",
+            "flag": "--no-progress",
+        },
+    )
+    repeat_stream: bool = field(
+        default=False,
+        metadata={
+            "help": "with --streaming: when the data ends before --steps, start it again from its first row (without "
+            "it, training stops at the end of the data and says so)"
+        },
     )
     save_final: bool = field(
         default=True,
@@ -158,7 +172,7 @@ class TrainingOptions:
             ),
             **{
                 name: (isinstance(getattr(self, name), bool), "True or False")
-                for name in ("overwrite", "resume", "progress_bar", "save_final")
+                for name in ("overwrite", "resume", "progress_bar", "repeat_stream", "save_final")
             },
         }
         for name, (valid, expected) in checks.items():
@@ -194,7 +208,9 @@ class TrainingOptions:
             data_seed=self.seed,
             report_to=[],
             use_cpu=not torch.cuda.is_available(),
-            disable_tqdm=not self.progress_bar,
+            # The Trainer's tqdm bar only on a terminal, as the package's own bars: in a log it writes carriage
+            # returns, and train_head prints a plain line a minute there instead (_ProgressLines).
+            disable_tqdm=not (self.progress_bar and is_terminal()),
             remove_unused_columns=False,
             dataloader_num_workers=0,
             logging_nan_inf_filter=False,  # a NaN loss is logged as such (and stops training), not averaged away
@@ -241,6 +257,97 @@ class _LossPrinter(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs and "loss" in logs:
             print(f"    step {state.global_step}: loss {float(logs['loss']):.4f}", flush=True)
+
+
+class _ProgressLines(TrainerCallback):
+    """The Trainer's progress where stderr is not a terminal (a log, a pipe): the plain lines of
+    `workbench.progress`, at most one a minute with the time left and the last logged loss, in place of its bar."""
+
+    def __init__(self) -> None:
+        self.progress: Progress | None = None
+        self.loss: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:  # a resumed run counts the steps it has left
+            self.progress = Progress(state.max_steps - state.global_step, "training", unit="step")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.loss = float(logs["loss"])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.update(1, **({"loss": self.loss} if self.loss is not None else {}))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.progress is not None:
+            self.progress.close()
+
+
+class _StreamEnd(TrainerCallback):
+    """A streamed data set that ends before `max_steps` is never gone over again in silence.
+
+    The Trainer starts a stream that runs out again from its first row, until `max_steps`. Without `repeat`, training
+    stops at the end of the data instead, with a line that says so; with it, the run ends with a line that says how
+    many times the data ended and how many passes the steps made. A pass that makes no optimiser step (fewer rows than
+    one step takes) is an error either way: repeating it would never reach `max_steps`.
+    """
+
+    def __init__(self, truncation: TruncationReport, repeat: bool, main_process: bool) -> None:
+        self.truncation, self.repeat, self.main_process = truncation, repeat, main_process
+        self.ends = 0  # times the data ran out before max_steps
+        self.rows_per_pass = 0
+        self.first_step = self.step_at_first_end = self.step_at_last_end = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.first_step = self.step_at_last_end = state.global_step
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_training_stop or state.global_step >= state.max_steps:
+            return  # the steps, the time budget or an error ended the run, not the data
+        stalled = state.global_step == self.step_at_last_end
+        if not self.ends:
+            self.step_at_first_end = state.global_step
+        self.ends += 1
+        self.rows_per_pass = self.rows_per_pass or self.truncation.total
+        self.step_at_last_end = state.global_step
+        rows = f"{self.rows_per_pass} example{'' if self.rows_per_pass == 1 else 's'}"
+        if stalled:
+            one_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+            raise ValueError(
+                f"The streamed data ended after its {rows} without an optimiser step (one takes --batch-size x "
+                f"--grad-accum = {one_step} examples per process); no head was saved."
+            )
+        if not self.repeat:
+            control.should_training_stop = True
+            self._say(
+                f"the stream ended after its {rows}, at step {state.global_step} of --steps "
+                f"{state.max_steps}; training stops there (--repeat-stream starts it again from its first row until "
+                "--steps)."
+            )
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        passes = self.passes(state.global_step)
+        if self.repeat and passes is not None and passes > self.ends:
+            times = f"{self.ends} time{'s' if self.ends > 1 else ''}"
+            self._say(
+                f"the stream of {self.rows_per_pass} examples ended {times} before --steps {state.max_steps} and "
+                f"was started again each time (--repeat-stream): {state.global_step} steps made {passes:.1f} passes "
+                "over it."
+            )
+
+    def passes(self, step: int) -> float | None:
+        """Passes over the data up to optimiser step `step` (one pass counts the steps up to the first end); None
+        while the data has not ended."""
+        steps_per_pass = self.step_at_first_end - self.first_step if self.ends else 0
+        if steps_per_pass <= 0:
+            return float(self.ends) if self.ends else None
+        return self.ends + (step - self.step_at_last_end) / steps_per_pass
+
+    def _say(self, text: str) -> None:
+        if self.main_process:
+            print(f"Training data: {text}", flush=True)
 
 
 class _TimeBudget(TrainerCallback):
@@ -329,13 +436,14 @@ def train_head(
     output = Path(options.output_dir)
     if (output / "adapter_config.json").exists() and not (options.overwrite or options.resume):
         raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
+    check_writable(output, _option_name("output_dir"))
     streamed = isinstance(examples, IterableDataset)
-    if streamed:
-        check_streaming(options)
+    check_streaming(options, streamed)
     arguments = options.training_arguments()
     main_process = arguments.process_index == 0
     if options.feature_cache is not None:
         check_feature_folder(options.feature_cache, output)
+        check_writable(options.feature_cache, _option_name("feature_cache"))
         if arguments.world_size > 1:
             raise ValueError("--feature-cache trains in one process; run it without accelerate launch.")
     checkpoint, skipped = _resume_checkpoint(output) if options.resume else (None, [])
@@ -367,6 +475,11 @@ def train_head(
         callbacks.append(_TimeBudget(options.time_budget_seconds, start if options.feature_cache else None))
     if not options.progress_bar:
         callbacks.append(_LossPrinter())
+    elif not is_terminal():
+        callbacks.append(_ProgressLines())
+    stream_end = _StreamEnd(truncation, options.repeat_stream, main_process) if streamed else None
+    if stream_end is not None:
+        callbacks.append(stream_end)
     callbacks += user_callbacks
     created = first_missing_folder(output)  # the folder (or its first missing parent) this run creates, if any
     features = None
@@ -415,7 +528,8 @@ def train_head(
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     if streamed and main_process:
         print(f"Training data: {truncation}", flush=True)
-    record_card_details(model, training=card_training_details(options, trainer, seconds, losses, truncation))
+    passes = stream_end.passes(trainer.state.global_step) if stream_end is not None else None
+    record_card_details(model, training=card_training_details(options, trainer, seconds, losses, truncation, passes))
     with gathered_head(model):  # DeepSpeed ZeRO-3: every process helps gather the head's weights for the save
         if options.save_final and main_process:
             save_head(model, options.output_dir)  # the model card (README.md) is written in the same version
@@ -433,8 +547,16 @@ def train_head(
     )
 
 
-def check_streaming(options: TrainingOptions) -> None:
-    """Refuse options that cannot train on a streamed data set: it has no length to count epochs with."""
+def check_streaming(options: TrainingOptions, streamed: bool = True) -> None:
+    """Refuse options that cannot train on a streamed data set (it has no length to count epochs with), and the
+    stream's own option, `repeat_stream`, without one."""
+    if not streamed:
+        if options.repeat_stream:
+            raise ValueError(
+                "--repeat-stream (repeat_stream) starts a streamed data set again; without --streaming, give --epochs "
+                "for more passes over the data."
+            )
+        return
     if options.max_steps <= 0:
         raise ValueError("A streamed data set has no length to make epochs of; give --steps (max_steps > 0).")
     if options.feature_cache is not None:
@@ -442,9 +564,15 @@ def check_streaming(options: TrainingOptions) -> None:
 
 
 def card_training_details(
-    options: TrainingOptions, trainer: Trainer, seconds: float, losses: list[float], truncation: TruncationReport
+    options: TrainingOptions,
+    trainer: Trainer,
+    seconds: float,
+    losses: list[float],
+    truncation: TruncationReport,
+    stream_passes: float | None = None,
 ) -> dict[str, object]:
-    """The training run as the head's model card shows it (see `peft_backattn.model_card`)."""
+    """The training run as the head's model card shows it (see `peft_backattn.model_card`); `stream_passes`, the
+    passes over a streamed data set that ended during the run."""
     details: dict[str, object] = {
         "trainer": f"transformers Trainer ({type(trainer).__name__}, in peft_backattn.workbench.training.train_head)",
         "optimiser steps": trainer.state.global_step,
@@ -460,6 +588,9 @@ def card_training_details(
         "examples read": truncation.total,
         "examples truncated / dropped": f"{truncation.truncated} / {truncation.dropped}",
     }
+    if stream_passes is not None:
+        repeated = " (--repeat-stream)" if options.repeat_stream else ""
+        details["passes over the streamed data"] = f"{stream_passes:.1f}{repeated}"
     if losses:
         details["training loss, first and last logged"] = f"{losses[0]:.4f} -> {losses[-1]:.4f}"
     return details
