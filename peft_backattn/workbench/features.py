@@ -57,7 +57,7 @@ from ..layer import BackAttnLayer
 from .data import IGNORE_INDEX, PaddingCollator
 from .progress import Progress
 from .saving import first_missing_folder, remove_empty_folders, remove_path
-from .scored_positions import trained_positions, trained_targets
+from .scored_positions import only_trained_positions, trained_targets
 
 FEATURES_FILE = "features.arrow"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -394,17 +394,10 @@ def _write_features(
     collate = PaddingCollator.from_tokenizer(tokenizer)
     device = layer.embedding_weight.device
     schema = _features(contents).arrow_schema  # carries the `datasets` feature types, for Dataset.from_file
-    kept: dict[str, torch.Tensor] = {}
-
-    def keep_trained_rows(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        hidden = args[0]  # (B, T, d_in)
-        kept["hidden"] = hidden[kept["mask"].to(hidden.device)]  # (n, d_in)
-        return (hidden[:, :0], *args[1:]), kwargs  # (B, 0, d_in): the output layer computes nothing
-
+    kept: list[torch.Tensor] = []
     written = 0
     was_training = model.training
     model.eval()
-    handle = layer.register_forward_pre_hook(keep_trained_rows, with_kwargs=True)
     batches = range(0, len(dataset), batch_size)
     try:
         with (
@@ -416,13 +409,13 @@ def _write_features(
         ):
             for start in batches:
                 batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-                kept["mask"] = trained_positions(batch["labels"])  # (B, T)
-                model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    use_cache=False,
-                )
-                hidden = kept.pop("hidden")  # (n, d_in)
+                with only_trained_positions(layer, batch["labels"], collect=kept.append):  # the layer computes nothing
+                    model(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device),
+                        use_cache=False,
+                    )
+                hidden = kept.pop()  # (n, d_in)
                 columns = {
                     "hidden": hidden.to(getattr(torch, contents["stored_dtype"])),  # (n, d_in)
                     "target": trained_targets(batch["labels"]).to(torch.int64),  # (n,)
@@ -435,7 +428,6 @@ def _write_features(
                 written += hidden.shape[0]
                 shown.update(1)
     finally:
-        handle.remove()
         model.train(was_training)
     return written
 

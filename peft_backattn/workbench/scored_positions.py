@@ -14,7 +14,7 @@ methods on equal terms.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -40,8 +40,14 @@ def trained_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def only_trained_positions(output_layer: nn.Module, labels: torch.Tensor) -> Iterator[None]:
-    """While inside, `output_layer` sees only the hidden states of the positions `labels` trains: (n, d)."""
+def only_trained_positions(
+    output_layer: nn.Module, labels: torch.Tensor, collect: Callable[[torch.Tensor], Any] | None = None
+) -> Iterator[None]:
+    """While inside, `output_layer` sees only the hidden states of the positions `labels` trains: (n, d).
+
+    With `collect`, the rows go to `collect` instead and the output layer gets none, (0, d): a pass that only
+    gathers them (the feature cache) spends no vocabulary product.
+    """
     mask = trained_positions(labels)
 
     def keep_trained_rows(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
@@ -51,7 +57,11 @@ def only_trained_positions(output_layer: nn.Module, labels: torch.Tensor) -> Ite
                 f"The output layer got hidden states of shape {tuple(hidden.shape)}, but the labels are "
                 f"{tuple(mask.shape)}; training only the scored positions needs the logits of every position."
             )
-        return (hidden[mask.to(hidden.device)], *args[1:]), kwargs  # (n, d)
+        rows = hidden[mask.to(hidden.device)]  # (n, d)
+        if collect is not None:
+            collect(rows)
+            rows = rows[:0]  # (0, d)
+        return (rows, *args[1:]), kwargs
 
     handle = output_layer.register_forward_pre_hook(keep_trained_rows, with_kwargs=True)
     try:
