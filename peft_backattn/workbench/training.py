@@ -31,7 +31,6 @@ from .data import PaddingCollator, TruncationReport, tokenize_examples, tokenize
 from .distributed import gathered_head
 from .features import (
     CachedFeatures,
-    CachedFeaturesTrainer,
     FeatureCacheStamp,
     cache_features,
     check_feature_folder,
@@ -367,30 +366,27 @@ def train_head(
     try:
         if main_process:
             print(f"Training data: {'streamed, counted as it is read' if streamed else truncation}", flush=True)
-        if options.feature_cache is None:
-            trainer = ScoredPositionsTrainer(
-                model=model,
-                args=arguments,
-                train_dataset=dataset,
-                data_collator=PaddingCollator.from_tokenizer(tokenizer),
-                callbacks=callbacks,
-            )
-        else:
+        trainer_arguments, train_dataset, collator = arguments, dataset, PaddingCollator.from_tokenizer(tokenizer)
+        if options.feature_cache is not None:  # the same Trainer and loss, on the trained positions' cached features
             _place_like_the_trainer(model, arguments)  # the pass runs before the Trainer would move the model
             features = cache_features(
                 model, tokenizer, dataset, options.feature_cache, max_length=options.max_length,
                 batch_size=options.batch_size, progress=options.progress_bar, fingerprint=fingerprint,
             )  # fmt: skip
             layer, name = head_layer(model)
-            trainer = CachedFeaturesTrainer(
-                model=model,
-                args=options.training_arguments(batch_size=features.positions_per_step(options.batch_size)),
-                train_dataset=features.rows,
-                data_collator=features.collator(layer.backattn_heads[name].config),
-                callbacks=[*callbacks, FeatureCacheStamp(features.digest)],
-            )
+            config = layer.backattn_heads[name].config
+            trainer_arguments = options.training_arguments(batch_size=features.positions_per_step(options.batch_size))
+            train_dataset, collator = features.rows, features.collator(config)
+            callbacks.append(FeatureCacheStamp(features.digest))
             if main_process:
-                print(_cached_run_line(features, layer.backattn_heads[name].config, options.batch_size), flush=True)
+                print(_cached_run_line(features, config, options.batch_size), flush=True)
+        trainer = ScoredPositionsTrainer(
+            model=model,
+            args=trainer_arguments,
+            train_dataset=train_dataset,
+            data_collator=collator,
+            callbacks=callbacks,
+        )
         if not options.progress_bar:
             trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
         train_start = time.monotonic()
