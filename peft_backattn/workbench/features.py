@@ -19,8 +19,8 @@ evaluation sees, not on the noisy states an ordinary training step sees; SmolLM2
 them the two are the same. `weighted` depends only on the base (and the head's `rms_norm_eps`), so caching it skips
 one of a softmax head's vocabulary-sized products per position in every later epoch.
 
-The head trains alone on those rows with `ScoredPositionsTrainer`, the Trainer and loss of ordinary runs: the
-PeftModel's forward runs the output layer alone on a `FeatureCollator` batch (see
+The head trains alone on those rows with `ScoredPositionsTrainer`, the Trainer and loss of ordinary runs, under
+`accelerate launch` too: the PeftModel's forward runs the output layer alone on a `FeatureCollator` batch (see
 `BackAttnModel.forward`). Its model is the PeftModel itself, so the weights it trains are the head's own
 parameters, its checkpoints are the usual head checkpoints, and `save_head` and `PeftModel.from_pretrained` work
 unchanged. A folder holds `features.arrow` and `fingerprint.json`, the latter written last: what the rows were

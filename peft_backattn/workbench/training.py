@@ -329,8 +329,6 @@ def train_head(
     main_process = arguments.process_index == 0
     if options.feature_cache is not None:
         check_feature_folder(options.feature_cache, output)
-        if arguments.world_size > 1:
-            raise ValueError("--feature-cache trains in one process; run it without accelerate launch.")
     checkpoint, skipped = _resume_checkpoint(output) if options.resume else (None, [])
     trained_on = checkpoint_features(checkpoint) if checkpoint else None
     if checkpoint:
@@ -369,10 +367,12 @@ def train_head(
         trainer_arguments, train_dataset, collator = arguments, dataset, PaddingCollator.from_tokenizer(tokenizer)
         if options.feature_cache is not None:  # the same Trainer and loss, on the trained positions' cached features
             _place_like_the_trainer(model, arguments)  # the pass runs before the Trainer would move the model
-            features = cache_features(
-                model, tokenizer, dataset, options.feature_cache, max_length=options.max_length,
-                batch_size=options.batch_size, progress=options.progress_bar, fingerprint=fingerprint,
-            )  # fmt: skip
+            # Several processes: the main one computes the cache, then the others reuse it (one folder, one pass).
+            with arguments.main_process_first(local=False, desc="the feature pass"):
+                features = cache_features(
+                    model, tokenizer, dataset, options.feature_cache, max_length=options.max_length,
+                    batch_size=options.batch_size, progress=options.progress_bar, fingerprint=fingerprint,
+                )  # fmt: skip
             layer, name = head_layer(model)
             config = layer.backattn_heads[name].config
             trainer_arguments = options.training_arguments(batch_size=features.positions_per_step(options.batch_size))
