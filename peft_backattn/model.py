@@ -13,6 +13,7 @@ import torch
 from peft.tuners.tuners_utils import BaseTuner
 from torch import nn
 from transformers import GenerationConfig
+from transformers.modeling_outputs import CausalLMOutput
 
 from ._files import check_head_tensor
 from ._peft_type import PREFIX
@@ -142,6 +143,40 @@ class BackAttnModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known_heads([adapter_name])
         super().delete_adapter(adapter_name)
+
+    def forward(
+        self,
+        *args: Any,
+        cached_hidden: torch.Tensor | None = None,
+        cached_weighted: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The base model's forward; given `cached_hidden`, the output layer alone on hidden states computed earlier.
+
+        `cached_hidden` (n, d_in): what the base fed the output layer at n positions (cached features, see
+        `workbench.features`); the output layer (with its active head) runs on them alone and the logits (n, V) come
+        back as `CausalLMOutput(logits=...)`, without a base forward. `cached_weighted` (n, d_e): a softmax head's
+        `w N` of those rows, computed earlier too. `PeftModel.forward` hands both here, so a call on the PeftModel
+        (or on DDP wrapping it) works: `peft_model(cached_hidden=hidden)`.
+        """
+        if cached_hidden is None:
+            if cached_weighted is not None:
+                raise ValueError("cached_weighted are the softmax weights of cached_hidden's rows; pass both.")
+            return super().forward(*args, **kwargs)
+        given = sorted(name for name, value in kwargs.items() if value is not None and name != "num_items_in_batch")
+        if args or given:
+            inputs = ", ".join(given) if given else "positional inputs"
+            raise ValueError(f"cached_hidden runs the output layer alone; it takes no {inputs}.")
+        layers = self._backattn_layers()
+        if len(layers) != 1:
+            raise ValueError(f"cached_hidden needs a model with one backattn layer; this one has {len(layers)}.")
+        layer = layers[0]
+        one_head = not (layer.disable_adapters or layer.merged) and len(layer.active_adapters) == 1
+        if cached_weighted is not None and one_head:
+            logits = layer.head_forward(layer.active_adapters[0], cached_hidden, weighted=cached_weighted)
+        else:  # the layer's own forward: its active head, the base layer (disabled or merged), or its refusal
+            logits = layer(cached_hidden)
+        return CausalLMOutput(logits=logits)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         """The base's generate(), with each head checking its caches against the weights once per call, not per token,

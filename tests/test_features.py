@@ -25,7 +25,6 @@ from peft_backattn.workbench.features import (
     FEATURES_FILE,
     FINGERPRINT_FILE,
     cache_features,
-    cached_features_loss,
     head_layer,
     open_features,
 )
@@ -140,9 +139,9 @@ def test_loss_and_gradients_from_cached_rows_equal_the_ordinary_step(kind, tmp_p
     ordinary_grads = torch.autograd.grad(ordinary, trainable)
 
     rows = cached.collator(layer.backattn_heads[name].config)([cached.rows[i] for i in range(cached.positions)])
-    assert ("weighted" in rows) == (kind in ("softmax residual", "mixture of 2"))
-    logits = layer.head_forward(name, rows["hidden"], weighted=rows.get("weighted"))
-    from_cache = cached_features_loss(logits, rows["labels"])
+    assert ("cached_weighted" in rows) == (kind in ("softmax residual", "mixture of 2"))
+    labels = rows.pop("labels")
+    from_cache = scored_positions_loss(model(**rows), labels)  # the PeftModel's forward: the output layer alone
     cached_grads = torch.autograd.grad(from_cache, trainable)
 
     torch.testing.assert_close(from_cache, ordinary, rtol=1e-5, atol=1e-6)
@@ -150,19 +149,56 @@ def test_loss_and_gradients_from_cached_rows_equal_the_ordinary_step(kind, tmp_p
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
 
 
-def test_one_cached_training_step_equals_one_ordinary_step(tmp_path):
-    """train_head, one full-batch step each way from the same weights and seed: the same loss and updated head."""
+@pytest.mark.parametrize(("batch_size", "accumulated"), [(8, 1), (4, 2)])
+def test_one_cached_training_step_equals_one_ordinary_step(batch_size, accumulated, tmp_path):
+    """train_head, one full-batch step each way from the same weights and seed: the same loss and updated head. The
+    cached step is one batch, or two accumulated ones (the Trainer counts the targets of both: 464, an even number)."""
     examples = generate_examples(8, split="train")
     ordinary, tokenizer = head_model()
     cached, _ = head_model()
-    step = dict(max_steps=1, batch_size=8, save_final=False)  # 8 examples: one batch covers every position
-    plain = train_head(ordinary, tokenizer, examples, options(tmp_path / "a", feature_cache=None, **step))
-    report = train_head(cached, tokenizer, examples, options(tmp_path / "b", **step))
-    assert report.positions_per_step == cached_positions(tmp_path / "b" / "features")  # the whole set in one step
+    step = dict(max_steps=1, save_final=False)  # 8 examples: one step covers every position
+    ordinary_step = options(tmp_path / "a", feature_cache=None, **step, batch_size=8)
+    cached_step = options(tmp_path / "b", **step, batch_size=batch_size, gradient_accumulation_steps=accumulated)
+    plain = train_head(ordinary, tokenizer, examples, ordinary_step)
+    report = train_head(cached, tokenizer, examples, cached_step)
+    assert report.positions_per_step * accumulated == cached_positions(tmp_path / "b" / "features")  # all in a step
     assert report.losses[0] == pytest.approx(plain.losses[0], rel=1e-6)
     expected, got = head_weights(ordinary), head_weights(cached)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
+
+
+def test_the_model_forward_on_cached_features_runs_the_output_layer_alone(tmp_path):
+    """`peft_model(cached_hidden=...)`: the logits of the full forward at those positions (the base layer's while the
+    head is disabled), with or without the stored softmax weights; one-line refusals of what it cannot take."""
+    model, tokenizer = head_model()
+    dataset = tokenized(tokenizer, count=4)
+    cached = cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH)
+    layer, name = head_layer(model)
+    rows = cached.collator(layer.backattn_heads[name].config)([cached.rows[i] for i in range(cached.positions)])
+    hidden, weighted = rows["cached_hidden"], rows["cached_weighted"]
+    batch = PaddingCollator.from_tokenizer(tokenizer)([dataset[i] for i in range(len(dataset))])
+    sequences = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    trained = trained_positions(batch["labels"])
+    model.eval()
+    with torch.no_grad():
+        full = model(**sequences).logits[trained]  # (n, V)
+        alone = model(cached_hidden=hidden, cached_weighted=weighted).logits
+        computing_weights = model(cached_hidden=hidden).logits
+        with model.disable_adapter():
+            base = model(**sequences).logits[trained]
+            base_alone = model(cached_hidden=hidden, cached_weighted=weighted).logits
+    assert alone.shape == (cached.positions, len(tokenizer))
+    torch.testing.assert_close(alone, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(computing_weights, full, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(base_alone, base, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(base, full)  # the head changes the logits: the two checks differ
+
+    with pytest.raises(ValueError) as refused:
+        model(cached_hidden=hidden, input_ids=batch["input_ids"])
+    assert str(refused.value) == "cached_hidden runs the output layer alone; it takes no input_ids."
+    with pytest.raises(ValueError, match=r"^cached_weighted are the softmax weights of cached_hidden's rows; pass"):
+        model(**sequences, cached_weighted=weighted)
 
 
 def cached_positions(directory: Path) -> int:
@@ -504,8 +540,8 @@ def test_a_bf16_base_is_stored_widened_and_read_back_exactly(tmp_path):
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     handle.remove()
     rows = cached.collator(layer.backattn_heads[name].config)([cached.rows[i] for i in range(cached.positions)])
-    assert rows["hidden"].dtype == torch.bfloat16
-    assert torch.equal(rows["hidden"], seen[0][trained_positions(batch["labels"])])
+    assert rows["cached_hidden"].dtype == torch.bfloat16
+    assert torch.equal(rows["cached_hidden"], seen[0][trained_positions(batch["labels"])])
 
 
 def test_a_damaged_cache_is_one_line(tmp_path):

@@ -1,10 +1,12 @@
-"""Scaling out: the accelerate config files in examples/accelerate load, and DeepSpeed ZeRO-2 trains a head with two
-CPU processes and saves only the head (DDP with two CPU processes is tested in test_cli.py)."""
+"""Scaling out: the accelerate config files in examples/accelerate load, DeepSpeed ZeRO-2 trains a head with two
+CPU processes and saves only the head, and cached features train on two processes (DDP) as on one (ordinary DDP
+training with two CPU processes is tested in test_cli.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -15,8 +17,11 @@ from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.utils import DistributedType
 from safetensors.torch import load_file
 
+from peft_backattn.cli import main
+
 CONFIGS = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 TRAIN = ["--data", "synthetic", "--limit", "24", "--batch-size", "4", "--max-length", "128", "--no-progress"]
+HEAD_FILE = "adapter_model.safetensors"
 HEAD_KEYS = {
     f"base_model.model.lm_head.backattn_heads.{n}" for n in ("norm_scale", "value_proj", "key_proj", "query_proj")
 }
@@ -65,3 +70,45 @@ def test_deepspeed_zero2_trains_with_two_cpu_processes_and_saves_only_the_head(t
     (states,) = (output / "checkpoint-2").glob("global_step2/mp_rank_00_model_states.pt")
     module = torch.load(states, map_location="cpu", weights_only=False)["module"]
     assert "base_model.model.lm_head.base_layer.weight" in module
+
+
+def test_cached_features_train_on_two_processes_as_on_one(tiny_lm_dir, tmp_path, capsys):
+    """`--feature-cache` under `accelerate launch` with two CPU processes (DDP, gloo): the main process computes the
+    cache, both train on it, and 2 examples' worth of positions per process take the steps that 4 take in one
+    process (each process gets its half of the one-process batch): the same logged losses and head, over 3 steps
+    that cross an epoch. About 20 s on 2 cores."""
+    launcher = shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("accelerate's launcher is not on PATH")
+    cached = [
+        "train", "--model", str(tiny_lm_dir), "--data", "synthetic", "--limit", "8", "--max-length", "128",
+        "--no-progress", "--steps", "3", "--logging-steps", "1", "--feature-cache", str(tmp_path / "features"),
+    ]  # fmt: skip
+    command = [
+        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "peft_backattn.cli", *cached, "--batch-size", "2", "--output",
+        str(tmp_path / "two"),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = result.stdout
+    assert two.count("Trained 3 steps on 2 processes") == 1 and two.count("positions written") == 1  # one pass
+    assert main([*cached, "--batch-size", "4", "--output", str(tmp_path / "one")]) == 0
+    one = capsys.readouterr().out
+    assert "Feature cache: reusing" in one  # the two-process run left a complete cache
+
+    (positions, per_process), (_, per_step) = cached_batches(two), cached_batches(one)
+    assert per_step == 2 * per_process and positions < 3 * per_step  # the same global batch; an epoch is crossed
+    assert re.findall(r"step \d+: loss [\d.]+", two) == re.findall(r"step \d+: loss [\d.]+", one)
+    on_two, on_one = load_file(tmp_path / "two" / HEAD_FILE), load_file(tmp_path / "one" / HEAD_FILE)
+    assert set(on_two) == set(on_one) == HEAD_KEYS
+    for key in on_one:
+        torch.testing.assert_close(on_two[key], on_one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def cached_batches(output: str) -> tuple[int, int]:
+    """(cached positions, positions per step and process) from a cached run's printed line."""
+    found = re.search(r"alone on ([\d,]+) cached positions, ([\d,]+) per step", output)
+    assert found, output
+    return int(found[1].replace(",", "")), int(found[2].replace(",", ""))

@@ -95,6 +95,24 @@ def test_hidden_states_of_another_shape_are_refused():
         model(input_ids=torch.ones(2, 7, dtype=torch.long))
 
 
+def test_collected_rows_are_the_trained_hidden_states_and_the_output_layer_gets_none():
+    """The feature pass's use: the trained rows go to `collect`, and no vocabulary product is computed."""
+    base, tokenizer = tiny_chat_llama()
+    model = get_peft_model(base, BackAttnConfig(r=8))
+    batch = real_batch(tokenizer)
+    layer = model.get_output_embeddings()
+    seen, collected = [], []
+    with torch.no_grad(), only_trained_positions(layer, batch["labels"], collect=collected.append):
+        handle = layer.register_forward_pre_hook(lambda module, args: seen.append(args[0]))  # what the layer gets
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    handle.remove()
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    (rows,) = collected
+    torch.testing.assert_close(rows, full.hidden_states[-1][trained_positions(batch["labels"])])
+    assert seen[0].shape == (0, rows.shape[1]) and logits.shape == (0, len(tokenizer))
+
+
 def test_the_hook_is_removed_after_use():
     model = get_peft_model(build("gpt2"), BackAttnConfig(r=4))
     layer = model.get_output_embeddings()

@@ -19,8 +19,9 @@ evaluation sees, not on the noisy states an ordinary training step sees; SmolLM2
 them the two are the same. `weighted` depends only on the base (and the head's `rms_norm_eps`), so caching it skips
 one of a softmax head's vocabulary-sized products per position in every later epoch.
 
-`CachedFeaturesTrainer` trains the head alone on those rows with the HF Trainer (hidden state -> the head's logits ->
-cross-entropy against the target). Its model is the PeftModel itself, so the weights it trains are the head's own
+The head trains alone on those rows with `ScoredPositionsTrainer`, the Trainer and loss of ordinary runs, under
+`accelerate launch` too: the PeftModel's forward runs the output layer alone on a `FeatureCollator` batch (see
+`BackAttnModel.forward`). Its model is the PeftModel itself, so the weights it trains are the head's own
 parameters, its checkpoints are the usual head checkpoints, and `save_head` and `PeftModel.from_pretrained` work
 unchanged. A folder holds `features.arrow` and `fingerprint.json`, the latter written last: what the rows were
 computed from (the base's weights, dtype and config, the tokenizer, `max_length` and the tokenised data), which decides
@@ -44,12 +45,11 @@ import numpy as np
 import pyarrow
 import pyarrow.ipc
 import torch
-import torch.nn.functional as F
 from datasets import Dataset, Features, Value
 from datasets import Sequence as FeatureList
 from peft import PeftModel
 from torch import nn
-from transformers import PreTrainedTokenizerBase, Trainer, TrainerCallback
+from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..config import BackAttnConfig
@@ -57,7 +57,7 @@ from ..layer import BackAttnLayer
 from .data import IGNORE_INDEX, PaddingCollator
 from .progress import Progress
 from .saving import first_missing_folder, remove_empty_folders, remove_path
-from .scored_positions import trained_positions, trained_targets
+from .scored_positions import only_trained_positions, trained_targets
 
 FEATURES_FILE = "features.arrow"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -134,7 +134,12 @@ class CachedFeatures:
 
 @dataclass(frozen=True)
 class FeatureCollator:
-    """Stacks cached rows into a batch: hidden (n, d_in) in the model's dtype, labels (n,), weighted (n, d_e)."""
+    """Stacks cached rows into a batch for the model's forward (`BackAttnModel.forward`): `cached_hidden` (n, d_in)
+    in the model's dtype, `cached_weighted` (n, d_e) when used, and `labels` (1, n + 1).
+
+    The labels are laid out as one sequence of n + 1 positions, as token batches are: an untrained first label,
+    then the n targets, so that `trained_targets` pairs row i with target i and the Trainer counts n targets.
+    """
 
     hidden_dtype: torch.dtype
     use_weighted: bool
@@ -142,12 +147,13 @@ class FeatureCollator:
     def __call__(self, rows: Sequence[Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         if not rows:
             raise ValueError("cannot collate an empty batch")
+        targets = torch.stack([row["target"] for row in rows])  # (n,)
         batch = {
-            "hidden": torch.stack([row["hidden"] for row in rows]).to(self.hidden_dtype),  # (n, d_in)
-            "labels": torch.stack([row["target"] for row in rows]),  # (n,), already shifted: one target per row
+            "cached_hidden": torch.stack([row["hidden"] for row in rows]).to(self.hidden_dtype),  # (n, d_in)
+            "labels": torch.cat([targets.new_full((1,), IGNORE_INDEX), targets])[None],  # (1, n + 1)
         }
         if self.use_weighted:
-            batch["weighted"] = torch.stack([row["weighted"] for row in rows])  # (n, d_e)
+            batch["cached_weighted"] = torch.stack([row["weighted"] for row in rows])  # (n, d_e)
         return batch
 
 
@@ -510,17 +516,10 @@ def _write_features(
     collate = PaddingCollator.from_tokenizer(tokenizer)
     device = layer.embedding_weight.device
     schema = _features(contents).arrow_schema  # carries the `datasets` feature types, for Dataset.from_file
-    kept: dict[str, torch.Tensor] = {}
-
-    def keep_trained_rows(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        hidden = args[0]  # (B, T, d_in)
-        kept["hidden"] = hidden[kept["mask"].to(hidden.device)]  # (n, d_in)
-        return (hidden[:, :0], *args[1:]), kwargs  # (B, 0, d_in): the output layer computes nothing
-
+    kept: list[torch.Tensor] = []
     written = 0
     was_training = model.training
     model.eval()
-    handle = layer.register_forward_pre_hook(keep_trained_rows, with_kwargs=True)
     batches = range(0, len(dataset), batch_size)
     try:
         with (
@@ -532,13 +531,13 @@ def _write_features(
         ):
             for start in batches:
                 batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-                kept["mask"] = trained_positions(batch["labels"])  # (B, T)
-                model(
-                    input_ids=batch["input_ids"].to(device),
-                    attention_mask=batch["attention_mask"].to(device),
-                    use_cache=False,
-                )
-                hidden = kept.pop("hidden")  # (n, d_in)
+                with only_trained_positions(layer, batch["labels"], collect=kept.append):  # the layer computes nothing
+                    model(
+                        input_ids=batch["input_ids"].to(device),
+                        attention_mask=batch["attention_mask"].to(device),
+                        use_cache=False,
+                    )
+                hidden = kept.pop()  # (n, d_in)
                 columns = {
                     "hidden": hidden.to(getattr(torch, contents["stored_dtype"])),  # (n, d_in)
                     "target": trained_targets(batch["labels"]).to(torch.int64),  # (n,)
@@ -550,7 +549,6 @@ def _write_features(
                 written += hidden.shape[0]
                 shown.update(1)
     finally:
-        handle.remove()
         model.train(was_training)
     return written
 
@@ -627,47 +625,6 @@ def _write_json(path: Path, payload: Mapping[str, Any]) -> None:
 
 
 # ---- training the head alone on them ----------------------------------------------------------------------------
-
-
-def cached_features_loss(
-    logits: torch.Tensor, targets: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
-) -> torch.Tensor:
-    """Cross-entropy of the head's logits (n, V) against the n targets: summed and divided by the targets the
-    Trainer counted across accumulated batches, else the mean (the same loss as `scored_positions_loss`)."""
-    total = F.cross_entropy(logits.float(), targets.to(logits.device), reduction="sum")
-    return total / (num_items_in_batch if num_items_in_batch is not None else targets.numel())
-
-
-class CachedFeaturesTrainer(Trainer):
-    """The HF Trainer on cached rows: each step runs the PeftModel's active head alone, (n, d_in) -> (n, V) -> loss.
-
-    Its model is the PeftModel, so the optimiser, schedule, clipping, logging, callbacks and checkpoints are the
-    Trainer's own and its checkpoints are the usual head checkpoints; only the loss skips the base. Batches come
-    from `FeatureCollator`: `hidden`, `labels` (the targets) and, for a softmax head, `weighted`.
-    """
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, compute_loss_func=_loss_of_outputs, **kwargs)
-        # One target per row, already shifted: the Trainer must count every label, not labels[..., 1:].
-        self._loss_shifts_labels = False
-
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        layer, name = head_layer(self.accelerator.unwrap_model(model))
-        logits = layer.head_forward(name, inputs["hidden"], weighted=inputs.get("weighted"))  # (n, V)
-        loss = cached_features_loss(logits, inputs["labels"], num_items_in_batch)
-        return (loss, {"logits": logits}) if return_outputs else loss
-
-
-def _loss_of_outputs(outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None):
-    """`compute_loss_func` form of `cached_features_loss`: set, it also makes the Trainer count targets."""
-    logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-    return cached_features_loss(logits, labels, num_items_in_batch)
 
 
 class FeatureCacheStamp(TrainerCallback, ExportableState):

@@ -33,7 +33,6 @@ from .data import PaddingCollator, TruncationReport, tokenize_examples, tokenize
 from .distributed import gathered_head
 from .features import (
     CachedFeatures,
-    CachedFeaturesTrainer,
     FeatureCacheStamp,
     cache_features,
     check_feature_folder,
@@ -444,8 +443,6 @@ def train_head(
     if options.feature_cache is not None:
         check_feature_folder(options.feature_cache, output)
         check_writable(options.feature_cache, _option_name("feature_cache"))
-        if arguments.world_size > 1:
-            raise ValueError("--feature-cache trains in one process; run it without accelerate launch.")
     checkpoint, skipped = _resume_checkpoint(output) if options.resume else (None, [])
     trained_on = checkpoint_features(checkpoint) if checkpoint else None
     if checkpoint:
@@ -486,30 +483,29 @@ def train_head(
     try:
         if main_process:
             print(f"Training data: {'streamed, counted as it is read' if streamed else truncation}", flush=True)
-        if options.feature_cache is None:
-            trainer = ScoredPositionsTrainer(
-                model=model,
-                args=arguments,
-                train_dataset=dataset,
-                data_collator=PaddingCollator.from_tokenizer(tokenizer),
-                callbacks=callbacks,
-            )
-        else:
+        trainer_arguments, train_dataset, collator = arguments, dataset, PaddingCollator.from_tokenizer(tokenizer)
+        if options.feature_cache is not None:  # the same Trainer and loss, on the trained positions' cached features
             _place_like_the_trainer(model, arguments)  # the pass runs before the Trainer would move the model
-            features = cache_features(
-                model, tokenizer, dataset, options.feature_cache, max_length=options.max_length,
-                batch_size=options.batch_size, progress=options.progress_bar, fingerprint=fingerprint,
-            )  # fmt: skip
+            # Several processes: the main one computes the cache, then the others reuse it (one folder, one pass).
+            with arguments.main_process_first(local=False, desc="the feature pass"):
+                features = cache_features(
+                    model, tokenizer, dataset, options.feature_cache, max_length=options.max_length,
+                    batch_size=options.batch_size, progress=options.progress_bar, fingerprint=fingerprint,
+                )  # fmt: skip
             layer, name = head_layer(model)
-            trainer = CachedFeaturesTrainer(
-                model=model,
-                args=options.training_arguments(batch_size=features.positions_per_step(options.batch_size)),
-                train_dataset=features.rows,
-                data_collator=features.collator(layer.backattn_heads[name].config),
-                callbacks=[*callbacks, FeatureCacheStamp(features.digest)],
-            )
+            config = layer.backattn_heads[name].config
+            trainer_arguments = options.training_arguments(batch_size=features.positions_per_step(options.batch_size))
+            train_dataset, collator = features.rows, features.collator(config)
+            callbacks.append(FeatureCacheStamp(features.digest))
             if main_process:
-                print(_cached_run_line(features, layer.backattn_heads[name].config, options.batch_size), flush=True)
+                print(_cached_run_line(features, config, options.batch_size), flush=True)
+        trainer = ScoredPositionsTrainer(
+            model=model,
+            args=trainer_arguments,
+            train_dataset=train_dataset,
+            data_collator=collator,
+            callbacks=callbacks,
+        )
         if not options.progress_bar:
             trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
         train_start = time.monotonic()
