@@ -8,18 +8,24 @@ The bank (the math, no vLLM) is tested in every environment; the tests that run 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
+import openai
 import pytest
 import torch
 from conftest import randomize_heads, save_tiny_lm
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from peft_backattn import BackAttnConfig, BackAttnLayer, reference_logits
 from peft_backattn._loading import CONFIG_FIELDS
@@ -33,9 +39,15 @@ from peft_backattn.vllm.bank import (
     normalized_embeddings,
     read_head,
 )
+from peft_backattn.vllm.processor import BackAttnLogitsProcessor, load_head, unload_head
 
-VLLM_MISSING = importlib.util.find_spec("vllm") is None
-needs_vllm = pytest.mark.skipif(VLLM_MISSING, reason="vLLM is not installed (pip install 'peft-backattn[vllm]')")
+try:
+    import vllm
+    from vllm.exceptions import VLLMValidationError
+except ImportError:  # the optional extra: the tests that run vLLM skip
+    vllm = VLLMValidationError = None
+
+needs_vllm = pytest.mark.skipif(vllm is None, reason="vLLM is not installed (pip install 'peft-backattn[vllm]')")
 
 HEADS = {
     "soft": BackAttnConfig(r=8, init_weights=False),
@@ -53,7 +65,7 @@ def save_heads(base_dir: Path, configs: dict[str, BackAttnConfig], out: Path, st
     base = AutoModelForCausalLM.from_pretrained(base_dir)
     folders = {}
     for seed, (name, config) in enumerate(configs.items()):
-        model = get_peft_model(copy.deepcopy(base), config)
+        model = get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
         randomize_heads(model, seed=seed, std=std)
         folders[name] = out / name
         model.save_pretrained(folders[name])
@@ -297,3 +309,299 @@ def test_read_head_gives_the_saved_weights(tiny):
     for name, ours in head.named_parameters():
         assert torch.equal(ours, theirs[name]), name
         assert not ours.requires_grad
+
+
+# -- through vLLM: greedy output, seeded sampling, loading while serving --------------------------------------
+
+ENGINE = dict(
+    dtype="float32", enforce_eager=True, max_model_len=128, max_num_seqs=4, seed=0,
+    gpu_memory_utilization=0.05, kv_cache_memory_bytes=32 << 20,  # CPU: a small cache, whatever memory is free
+)  # fmt: skip
+SERVED = ("soft", "soft2", "raw", "mix", "replace", "gelu")  # loaded at start; "eps" is loaded while serving
+PROMPTS = ["Tom has 3 apples", "2 + 3 =", "The answer is", "How many pens", "She buys 4 boxes", "What is 7 * 6?"]
+
+
+@pytest.fixture(scope="module")
+def varied(tmp_path_factory):
+    """A tiny Llama whose weights are scaled up so that its greedy text varies (at the default scale it repeats one
+    token), and every kind of head for it."""
+    work = tmp_path_factory.mktemp("vllm-varied")
+    base_dir = save_tiny_lm(work / "base", hidden=64)
+    model = AutoModelForCausalLM.from_pretrained(base_dir)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.mul_(12)
+    model.save_pretrained(base_dir)
+    return base_dir, save_heads(base_dir, HEADS, work)
+
+
+@pytest.fixture(scope="module")
+def llm(varied):
+    """One vLLM engine on the tiny base for the module, with the heads of SERVED (its env restored afterwards)."""
+    if vllm is None:
+        pytest.skip("vLLM is not installed (pip install 'peft-backattn[vllm]')")
+    base_dir, folders = varied
+    saved = {key: os.environ.get(key) for key in (HEADS_ENV, "VLLM_USE_V2_MODEL_RUNNER")}
+    engine = vllm.LLM(**engine_kwargs(base_dir, {name: folders[name] for name in SERVED}), **ENGINE)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def prompt_ids(base_dir: Path, prompts: list[str]) -> list[list[int]]:
+    tokenizer = AutoTokenizer.from_pretrained(base_dir)
+    return [tokenizer(prompt)["input_ids"] for prompt in prompts]
+
+
+def generate_alone(model: PeftModel, ids: list[int], head: str | None, tokens: int) -> list[int]:
+    """Greedy tokens of `model.generate` with that head alone (or the base), fp32, all `tokens` of them."""
+    input_ids = torch.tensor([ids])
+    kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False, pad_token_id=2)
+    with torch.no_grad():
+        if head is None:
+            with model.disable_adapter():
+                out = model.generate(input_ids, **kwargs)
+        else:
+            model.set_adapter(head)
+            out = model.generate(input_ids, **kwargs)
+    return out[0, len(ids) :].tolist()
+
+
+def run(llm, jobs: list[tuple[list[int], str | None, int]], **sampling) -> list[list[int]]:
+    """vLLM's tokens for (prompt ids, head or None, max tokens) jobs, all submitted at once."""
+    params = [
+        vllm.SamplingParams(
+            max_tokens=tokens,
+            ignore_eos=True,
+            extra_args={HEAD_KEY: head} if head else None,
+            **{"temperature": 0.0, **sampling},
+        )  # fmt: skip
+        for _, head, tokens in jobs
+    ]
+    outputs = llm.generate([{"prompt_token_ids": ids} for ids, _, _ in jobs], params, use_tqdm=False)
+    return [list(output.outputs[0].token_ids) for output in outputs]
+
+
+@needs_vllm
+def test_greedy_output_of_every_request_equals_its_head_alone_in_transformers(llm, varied):
+    """16 requests over 6 heads of every kind and the bare base, 4 rows at a time, of 3 to 13 tokens: rows join as
+    others finish, and the batch is compacted (rows moved) as they leave."""
+    base_dir, folders = varied
+    ids = prompt_ids(base_dir, PROMPTS)
+    heads = [*SERVED, None]
+    jobs = [(ids[i % len(ids)], heads[i % len(heads)], 3 + (5 * i) % 11) for i in range(16)]
+    served = run(llm, jobs)
+    model = reference_model(base_dir, {name: folders[name] for name in SERVED})
+    expected = [generate_alone(model, prompt, head, tokens) for prompt, head, tokens in jobs]
+    for job, got, want in zip(jobs, served, expected, strict=True):
+        assert got == want, f"head {job[1]}: vLLM {got}, transformers {want}"
+    base_texts = {tuple(ids): generate_alone(model, ids, None, 13) for ids in map(tuple, ids)}
+    changed = [got != base_texts[tuple(job[0])][: len(got)] for job, got in zip(jobs, served, strict=True) if job[1]]
+    assert all(changed), "every head changes the base's output here, or the comparison proves little"
+
+
+@needs_vllm
+def test_seeded_sampling_is_reproducible_whatever_else_is_in_the_batch(llm, varied):
+    base_dir, _ = varied
+    ids = prompt_ids(base_dir, PROMPTS)
+    jobs = [(ids[i % len(ids)], [*SERVED, None][i % 7], 8) for i in range(10)]
+    sampling = dict(temperature=0.9, top_p=0.95)
+    together = run(llm, jobs, seed=7, **sampling)
+    reversed_order = run(llm, jobs[::-1], seed=7, **sampling)[::-1]
+    alone = [run(llm, [job], seed=7, **sampling)[0] for job in jobs[:3]]
+    assert together == reversed_order
+    assert together[:3] == alone
+    assert together != run(llm, jobs, seed=8, **sampling)  # the seed matters
+    assert together != run(llm, jobs)  # and so does sampling
+
+
+@needs_vllm
+def test_heads_load_and_unload_while_the_engine_runs(llm, varied, tmp_path):
+    base_dir, folders = varied
+    ids = prompt_ids(base_dir, PROMPTS[:2])
+    bad = damaged(folders["eps"], tmp_path / "bad", BAD_HEADS["nan weights"])
+    with pytest.raises(ValueError, match="holds NaN or infinite values; nothing was loaded"):
+        load_head(llm, "bad", bad)
+    load_head(llm, "eps", folders["eps"])
+    model = reference_model(base_dir, {"eps": folders["eps"], "soft": folders["soft"]})
+    jobs = [(ids[0], "eps", 6), (ids[1], "soft", 6), (ids[1], "eps", 5)]
+    assert run(llm, jobs) == [generate_alone(model, prompt, head, tokens) for prompt, head, tokens in jobs]
+    assert sorted(llm.collective_rpc("backattn_loaded_heads")[0]) == sorted([*SERVED, "eps"])
+    unload_head(llm, "eps")
+    with pytest.raises(VLLMValidationError, match=r"No backattn head 'eps' is loaded"):
+        run(llm, [(ids[0], "eps", 2)])
+    with pytest.raises(VLLMValidationError, match=r"No backattn head 'bad' is loaded"):
+        run(llm, [(ids[0], "bad", 2)])
+    assert llm.collective_rpc("backattn_loaded_heads")[0] == sorted(SERVED)
+    assert run(llm, [(ids[1], "soft", 6)]) == [generate_alone(model, ids[1], "soft", 6)]  # still serving
+
+
+@needs_vllm
+def test_a_request_vllm_would_change_before_the_head_is_refused(llm, varied):
+    base_dir, _ = varied
+    ids = prompt_ids(base_dir, PROMPTS[:1])
+    with pytest.raises(VLLMValidationError, match="logit_bias cannot be used with backattn head 'soft'"):
+        run(llm, [(ids[0], "soft", 2)], logit_bias={5: 3.0})
+    with pytest.raises(VLLMValidationError, match="logprobs cannot be used with backattn head 'soft'"):
+        run(llm, [(ids[0], "soft", 2)], logprobs=2)
+    assert len(run(llm, [(ids[0], None, 2)], logprobs=2)[0]) == 2  # the base alone keeps them
+
+
+@needs_vllm
+def test_the_processor_follows_rows_added_removed_and_moved(tiny, monkeypatch):
+    """The persistent batch's bookkeeping, step by step, against each row computed with its head alone."""
+    from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+
+    base_dir, folders = tiny
+    monkeypatch.setenv(HEADS_ENV, json.dumps({name: str(folders[name]) for name in ("soft", "mix", "raw")}))
+    model_config = SimpleNamespace(model=str(base_dir), hf_config=AutoConfig.from_pretrained(base_dir),
+                                   dtype=torch.float32, revision=None, get_vocab_size=lambda: 600)  # fmt: skip
+    processor = BackAttnLogitsProcessor(SimpleNamespace(model_config=model_config), torch.device("cpu"), False)
+    alone = bank_for(base_dir, {name: folders[name] for name in ("soft", "mix", "raw")})
+
+    def added(row: int, head: str | None) -> tuple:
+        return (row, SimpleNamespace(extra_args={HEAD_KEY: head} if head else {"other": 1}), [1, 2], [])
+
+    swap, one_way = MoveDirectionality.SWAP, MoveDirectionality.UNIDIRECTIONAL
+    steps = [
+        (BatchUpdate(4, [], [added(0, "soft"), added(1, None), added(2, "mix"), added(3, "raw")], []),
+         ["soft", None, "mix", "raw"]),
+        (BatchUpdate(3, [1], [], [(3, 1, one_way)]), ["soft", "raw", "mix"]),  # row 1 left, the last moved into it
+        (BatchUpdate(4, [], [added(3, "soft")], [(0, 2, swap)]), ["mix", "raw", "soft", "soft"]),
+        (None, ["mix", "raw", "soft", "soft"]),  # a step without changes
+        (BatchUpdate(4, [2], [added(2, None)], []), ["mix", "raw", None, "soft"]),  # a new request in a freed row
+    ]  # fmt: skip
+    generator = torch.Generator().manual_seed(5)
+    for update, rows in steps:
+        processor.update_state(update)
+        z = torch.randn(len(rows), 600, generator=generator) * 3
+        out = processor.apply(z.clone())
+        for row, head in enumerate(rows):
+            if head is None:
+                assert torch.equal(out[row], z[row])
+                continue
+            expected = alone.apply(z[row : row + 1].clone(), alone.plan({0: head}, 1))[0]
+            # rounding differs with the batch's make-up (1e-6 of these logits); a row mixed up differs by units
+            torch.testing.assert_close(out[row], expected, rtol=1e-5, atol=1e-4, msg=f"{rows}: row {row}")
+
+
+# -- through vLLM's OpenAI server: peft-backattn vllm-serve --------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(varied, tmp_path_factory):
+    """`peft-backattn vllm-serve` on the tiny base with two heads and an API key; its base URL."""
+    if vllm is None:
+        pytest.skip("vLLM is not installed (pip install 'peft-backattn[vllm]')")
+    base_dir, folders = varied
+    port = free_port()
+    log = tmp_path_factory.mktemp("vllm-serve") / "server.log"
+    command = [
+        sys.executable, "-m", "peft_backattn.cli", "vllm-serve", str(base_dir), "--served-model-name", "tiny",
+        "--head", f"soft={folders['soft']}", "--head", f"mix={folders['mix']}", "--port", str(port),
+        "--api-key", "secret", "--dtype", "float32", "--enforce-eager", "--max-model-len", "128",
+        "--max-num-seqs", "4", "--gpu-memory-utilization", "0.05", "--kv-cache-memory-bytes", str(32 << 20),
+    ]  # fmt: skip
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vllm-serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vllm-serve did not answer within 300 s:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        yield url
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def completion_ids(client: openai.OpenAI, model: str, prompt: str, tokens: int) -> list[int]:
+    response = client.completions.create(model=model, prompt=prompt, max_tokens=tokens, temperature=0,
+                                         extra_body={"ignore_eos": True, "return_token_ids": True})  # fmt: skip
+    assert response.model == model
+    return response.choices[0].token_ids
+
+
+@needs_vllm
+def test_the_openai_client_gets_each_heads_greedy_answer(server, varied):
+    base_dir, folders = varied
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="secret", max_retries=0)
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny", "soft", "mix"]
+    assert [(m.parent, m.root) for m in models[1:]] == [("tiny", str(folders["soft"])), ("tiny", str(folders["mix"]))]
+    model = reference_model(base_dir, {"soft": folders["soft"], "mix": folders["mix"]})
+    ids = prompt_ids(base_dir, PROMPTS)
+    for index, (name, head) in enumerate([("soft", "soft"), ("mix", "mix"), ("tiny", None)]):
+        got = completion_ids(client, name, PROMPTS[index], 6)
+        assert got == generate_alone(model, ids[index], head, 6), name
+    # A stream carries the head's name and the same text; a chat answers through the head too.
+    plain = client.completions.create(model="mix", prompt=PROMPTS[3], max_tokens=6, temperature=0)
+    chunks = list(client.completions.create(model="mix", prompt=PROMPTS[3], max_tokens=6, temperature=0, stream=True))
+    assert {chunk.model for chunk in chunks} == {"mix"}
+    assert "".join(chunk.choices[0].text for chunk in chunks if chunk.choices) == plain.choices[0].text
+    chat = {
+        name: client.chat.completions.create(
+            model=name, messages=[{"role": "user", "content": PROMPTS[0]}], max_tokens=5, temperature=0
+        )  # fmt: skip
+        for name in ("soft", "tiny")
+    }
+    assert chat["soft"].model == "soft" and chat["soft"].choices[0].message.content
+    assert chat["soft"].choices[0].message.content != chat["tiny"].choices[0].message.content
+
+
+@needs_vllm
+def test_heads_load_and_unload_through_the_server_and_its_errors_are_openais(server, varied, tmp_path):
+    base_dir, folders = varied
+    client = openai.OpenAI(base_url=f"{server}/v1", api_key="secret", max_retries=0)
+    key = {"Authorization": "Bearer secret"}
+    load = {"lora_name": "raw", "lora_path": str(folders["raw"])}
+    assert httpx.post(f"{server}/v1/load_lora_adapter", json=load).status_code == 401  # vLLM's key check holds
+    assert httpx.post(f"{server}/v1/load_lora_adapter", json=load, headers=key).status_code == 200
+    model = reference_model(base_dir, {"raw": folders["raw"]})
+    assert completion_ids(client, "raw", PROMPTS[1], 5) == generate_alone(
+        model, prompt_ids(base_dir, PROMPTS)[1], "raw", 5
+    )
+    again = httpx.post(f"{server}/v1/load_lora_adapter", json=load, headers=key)
+    assert again.status_code == 400 and again.json()["error"]["code"] == "head_already_loaded"
+    bad = damaged(folders["eps"], tmp_path / "bad", BAD_HEADS["another base's vocabulary"])
+    refused = httpx.post(
+        f"{server}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(bad)}, headers=key
+    )
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_head"
+    assert "This head was built for a base" in refused.json()["error"]["message"]
+    unloaded = httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "raw"}, headers=key)
+    assert unloaded.status_code == 200
+    assert [m.id for m in client.models.list().data] == ["tiny", "soft", "mix"]
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="raw", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="logprobs cannot be used with backattn head 'soft'"):
+        client.completions.create(model="soft", prompt="x", max_tokens=2, logprobs=2)
+    with pytest.raises(openai.BadRequestError, match="No backattn head 'gone' is loaded"):
+        client.completions.create(
+            model="tiny", prompt="x", max_tokens=2, extra_body={"vllm_xargs": {HEAD_KEY: "gone"}}
+        )
+    assert completion_ids(client, "soft", PROMPTS[0], 3)  # still serving
