@@ -22,7 +22,7 @@ the same requests go to vLLM's OpenAI server, one server process at a time: bare
 times the processor's work alone (`HeadBank.apply`, one thread, as vLLM's CPU worker runs it) on a batch of
 --clients rows spread over 1, 10 and 100 heads, and gives it as a share of vLLM's step at each setting's measured
 throughput, beside the FLOPs of the two vocabulary products against the base's forward. Writes
-benchmarks/results/serve-vllm-<base>.json.
+benchmarks/results/serve-vllm-<base>-<clients>-clients.json.
 """
 
 from __future__ import annotations
@@ -402,27 +402,36 @@ def run_vllm(args) -> None:
     bare_rate = statistics.median(throughput["bare vLLM (before)"] + throughput["bare vLLM (after)"])
     for entry in speed.values():
         entry["vs_bare_vllm"] = entry["tokens_per_s"] / bare_rate
+    bare_step_ms = 1000 * args.clients / bare_rate
     for name, milliseconds in processor_ms.items():
-        # vLLM's step at this setting: `clients` rows decoded per step, at the measured tokens/s.
+        # vLLM's step at this setting, from its throughput: `clients` rows decoded per step (clients send back to
+        # back). Two views of the heads' cost: the processor timed alone, and the step's growth over bare vLLM's.
         step_ms = 1000 * args.clients / speed[f"vLLM: {name}"]["tokens_per_s"]
-        speed[f"vLLM: {name}"].update(processor_ms_per_step=milliseconds, step_ms=step_ms,
-                                      processor_share_of_step=milliseconds / step_ms)  # fmt: skip
+        speed[f"vLLM: {name}"].update(
+            step_ms=step_ms, processor_ms_per_step=milliseconds, processor_share_of_step=milliseconds / step_ms,
+            extra_ms_per_step_vs_bare=step_ms - bare_step_ms, extra_share_of_step=(step_ms - bare_step_ms) / step_ms,
+        )  # fmt: skip
     config = AutoConfig.from_pretrained(folder)
     vocab, width = config.vocab_size, config.hidden_size
     non_embedding = sum(p.numel() for p in base.parameters()) - vocab * width
     base_flops = base_forward_flops(non_embedding, vocab, width, config.num_hidden_layers, 256, width)
     flops = {"two_vocabulary_products_per_token": 4 * vocab * width, "base_forward_per_token_context_256": base_flops}
+
+    def share(entry: dict, key: str) -> str:
+        return f"{100 * entry[key]:.0f} %" if key in entry else ""
+
     rows = [
         [name, f"{s['tokens_per_s']:.1f}", f"{s['p50_latency_s']:.2f}", f"{s['p95_latency_s']:.2f}",
-         f"{s['vs_bare_vllm']:.2f}", f"{100 * s['processor_share_of_step']:.0f} %" if "step_ms" in s else ""]
+         f"{s['vs_bare_vllm']:.2f}", share(s, "processor_share_of_step"), share(s, "extra_share_of_step")]
         for name, s in speed.items()
     ]  # fmt: skip
-    print(markdown_table(["setting", "output tokens/s", "p50 s", "p95 s", "vs bare vLLM", "heads' share of step"],
-                         rows))  # fmt: skip
+    header = ["setting", "output tokens/s", "p50 s", "p95 s", "vs bare vLLM", "processor alone, share of step",
+              "step's growth over bare vLLM"]  # fmt: skip
+    print(markdown_table(header, rows))
     print(f"the two vocabulary products: {flops['two_vocabulary_products_per_token'] / 1e6:.1f} MFLOP per token; "
           f"the base's forward: {base_flops / 1e6:.1f} MFLOP per token (context 256)")  # fmt: skip
     save_result(
-        f"serve-vllm-{args.base}",
+        f"serve-vllm-{args.base}-{args.clients}-clients",
         {
             "settings": vars(args), "speed": speed, "processor_ms_per_step": processor_ms, "flops": flops,
             "machine_note": "run one server at a time on a quiet machine; vLLM's CPU worker binds one core of two",
