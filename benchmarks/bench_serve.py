@@ -38,10 +38,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import openai
 import torch
 from common import machine, markdown_table, save_result
@@ -274,9 +274,10 @@ class VllmServer:
             if self.process.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.process.returncode}; see {self.log}")
             try:
-                if httpx.get(self.base_url.removesuffix("/v1") + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
+                with urllib.request.urlopen(self.base_url.removesuffix("/v1") + "/health", timeout=2) as answer:
+                    if answer.status == 200:
+                        return self
+            except OSError:  # not listening yet (urllib's errors are OSErrors)
                 pass
             time.sleep(1)
         raise RuntimeError(f"the server did not answer within 900 s; see {self.log}")

@@ -15,10 +15,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import openai
 import pytest
 import torch
@@ -522,11 +523,8 @@ def server(varied, tmp_path_factory):
         while True:
             if process.poll() is not None:
                 pytest.fail(f"vllm-serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
+            if post(f"{url}/health", None)[0] == 200:
+                break
             if time.monotonic() > deadline:
                 pytest.fail(f"vllm-serve did not answer within 300 s:\n{log.read_text()[-3000:]}")
             time.sleep(1)
@@ -538,6 +536,25 @@ def server(varied, tmp_path_factory):
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+def post(url: str, body: dict | None, key: str | None = None) -> tuple[int, dict | str | None]:
+    """(status, JSON body or text) of a POST (a GET when `body` is None); (0, None) when nothing answers."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    if key:
+        request.add_header("Authorization", f"Bearer {key}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            status, text = response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, text = error.code, error.read().decode()
+    except OSError:
+        return 0, None
+    try:
+        return status, json.loads(text)
+    except ValueError:
+        return status, text
 
 
 def completion_ids(client: openai.OpenAI, model: str, prompt: str, tokens: int) -> list[int]:
@@ -578,24 +595,23 @@ def test_the_openai_client_gets_each_heads_greedy_answer(server, varied):
 def test_heads_load_and_unload_through_the_server_and_its_errors_are_openais(server, varied, tmp_path):
     base_dir, folders = varied
     client = openai.OpenAI(base_url=f"{server}/v1", api_key="secret", max_retries=0)
-    key = {"Authorization": "Bearer secret"}
     load = {"lora_name": "raw", "lora_path": str(folders["raw"])}
-    assert httpx.post(f"{server}/v1/load_lora_adapter", json=load).status_code == 401  # vLLM's key check holds
-    assert httpx.post(f"{server}/v1/load_lora_adapter", json=load, headers=key).status_code == 200
+    assert post(f"{server}/v1/load_lora_adapter", load)[0] == 401  # vLLM's key check holds for these routes too
+    assert post(f"{server}/v1/load_lora_adapter", load, key="secret") == (
+        200,
+        "Success: LoRA adapter 'raw' added successfully.",
+    )
     model = reference_model(base_dir, {"raw": folders["raw"]})
     assert completion_ids(client, "raw", PROMPTS[1], 5) == generate_alone(
         model, prompt_ids(base_dir, PROMPTS)[1], "raw", 5
     )
-    again = httpx.post(f"{server}/v1/load_lora_adapter", json=load, headers=key)
-    assert again.status_code == 400 and again.json()["error"]["code"] == "head_already_loaded"
+    status, again = post(f"{server}/v1/load_lora_adapter", load, key="secret")
+    assert status == 400 and again["error"]["code"] == "head_already_loaded"
     bad = damaged(folders["eps"], tmp_path / "bad", BAD_HEADS["another base's vocabulary"])
-    refused = httpx.post(
-        f"{server}/v1/load_lora_adapter", json={"lora_name": "bad", "lora_path": str(bad)}, headers=key
-    )
-    assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_head"
-    assert "This head was built for a base" in refused.json()["error"]["message"]
-    unloaded = httpx.post(f"{server}/v1/unload_lora_adapter", json={"lora_name": "raw"}, headers=key)
-    assert unloaded.status_code == 200
+    status, refused = post(f"{server}/v1/load_lora_adapter", {"lora_name": "bad", "lora_path": str(bad)}, "secret")
+    assert status == 400 and refused["error"]["code"] == "invalid_head"
+    assert "This head was built for a base" in refused["error"]["message"]
+    assert post(f"{server}/v1/unload_lora_adapter", {"lora_name": "raw"}, key="secret")[0] == 200
     assert [m.id for m in client.models.list().data] == ["tiny", "soft", "mix"]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="raw", prompt="x", max_tokens=2)
@@ -649,3 +665,52 @@ def test_greedy_output_on_the_embedded_base_equals_each_head_alone(embedded):
         assert got == want, f"head {job[1]}: vLLM {got}, transformers {want}"
     base = {tuple(p): generate_alone(model, p, None, 8) for p in ids}
     assert sum(got != base[tuple(job[0])][: len(got)] for job, got in zip(jobs, served, strict=True) if job[1]) >= 3
+
+
+# -- the command line and imports --------------------------------------------------------------------------
+
+
+def test_the_command_line_and_the_method_start_without_importing_vllm():
+    code = (
+        "import sys, peft_backattn, peft_backattn.cli, peft_backattn.vllm, peft_backattn.vllm.command\n"
+        "print(sorted(m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def vllm_serve(*args: str) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "peft_backattn.cli", "vllm-serve", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
+def test_vllm_serve_refuses_in_one_line_before_starting_anything(tiny, tmp_path):
+    base_dir, folders = tiny
+    expected = "vLLM is not installed" if vllm is None else f"No head folder at {tmp_path / 'gone'}"
+    refused = vllm_serve(str(base_dir), "--head", f"soft={folders['soft']}", "--head", f"gone={tmp_path / 'gone'}")
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("peft-backattn: error: ") and expected in refused.stderr
+    assert len(refused.stderr.splitlines()) == 1, refused.stderr
+    ours = vllm_serve(str(base_dir), "--head", f"soft={folders['soft']}", "--logits-processors", "x:Y")
+    assert ours.returncode == 2 and "--logits-processors is set by vllm-serve itself" in ours.stderr
+
+
+@needs_vllm
+def test_a_row_naming_a_head_that_is_not_loaded_ends_rather_than_stopping_the_engine(tiny, monkeypatch):
+    """Unreachable while requests are checked at admission; if it were reached, that row ends (its end-of-sequence
+    token is the only choice) and every other row is computed as usual."""
+    base_dir, folders = tiny
+    monkeypatch.setenv(HEADS_ENV, json.dumps({"soft": str(folders["soft"])}))
+    model_config = SimpleNamespace(model=str(base_dir), hf_config=AutoConfig.from_pretrained(base_dir),
+                                   dtype=torch.float32, revision=None, get_vocab_size=lambda: 600)  # fmt: skip
+    processor = BackAttnLogitsProcessor(SimpleNamespace(model_config=model_config), torch.device("cpu"), False)
+    rows = [
+        (0, SimpleNamespace(extra_args={HEAD_KEY: "ghost"}), [1], []),
+        (1, SimpleNamespace(extra_args=None), [1], []),
+    ]
+    processor.update_state(vllm.v1.sample.logits_processor.BatchUpdate(2, [], rows, []))
+    z = torch.randn(2, 600)
+    out = processor.apply(z.clone())
+    assert out[0].argmax().item() == model_config.hf_config.eos_token_id and torch.isinf(out[0]).sum() == 599
+    assert torch.equal(out[1], z[1])
