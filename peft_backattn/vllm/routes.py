@@ -1,9 +1,10 @@
 """The heads in vLLM's OpenAI server: an ASGI middleware (vLLM's `--middleware`) that maps OpenAI's `model` field
 onto a head, as vLLM's `--lora-modules` does for LoRA adapters.
 
-- A request body whose `model` names a head is passed on without `model` (vLLM then runs its base) and with
-  `vllm_xargs["backattn_head"]` naming the head; the `model` of its response (every chunk of a stream) is the head's
-  name again. A request that names a head through `vllm_xargs` itself goes through as it is (vLLM checks it).
+- A completion or chat completion whose `model` names a head is passed on without `model` (vLLM then runs its
+  base) and with `vllm_xargs["backattn_head"]` naming the head; the `model` of its response (every chunk of a stream)
+  is the head's name again. One that names a head through `vllm_xargs` itself goes through as it is (vLLM checks
+  it). Both are counted while they run, so that unloading a head can wait for them.
 - `GET /v1/models` lists the heads after vLLM's models (`parent`: the base, `root`: the head's folder).
 - `POST /v1/load_lora_adapter` and `/v1/unload_lora_adapter` take vLLM's bodies (`lora_name`, `lora_path`) and load
   or unload a backattn head on every worker between two steps (`collective_rpc`). Unloading first stops new
@@ -31,6 +32,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 LOAD, UNLOAD, MODELS = "/v1/load_lora_adapter", "/v1/unload_lora_adapter", "/v1/models"
+GENERATING = ("/v1/completions", "/v1/chat/completions")  # where `model` may name a head
 
 
 class HeadRoutes:
@@ -54,7 +56,7 @@ class HeadRoutes:
         request = parse_json(body)
         if path in (LOAD, UNLOAD) and isinstance(request, dict) and self._is_ours(path, request):
             return await self._change_heads(path, request, scope, send)
-        head = named_head(request)
+        head = named_head(request) if path in GENERATING else None
         if head is None:
             return await self.app(scope, replay(body, receive), send)
         if isinstance(head, Error):
