@@ -32,6 +32,7 @@ from .config import BackAttnConfig
 from .layer import BASE_ADAPTER_NAME
 from .model_card import record_card_details
 from .serve import SERVE_EXAMPLES, SERVE_HELP, add_serve_options, run_serve_command
+from .vllm.command import VLLM_SERVE_EXAMPLES, VLLM_SERVE_HELP, vllm_serve
 from .workbench.base_models import EMBEDDED_DEFAULT, check_positions, load_base_config, load_base_model
 from .workbench.data import describe_source, load_problems, stream_examples
 from .workbench.demo import EVAL_MINUTES, TRAIN_MINUTES, run_demo
@@ -80,6 +81,7 @@ EXAMPLES = {
   peft-backattn demo
   peft-backattn demo --output-dir runs/demo --train-minutes 3""",
     "serve": SERVE_EXAMPLES,
+    "vllm-serve": VLLM_SERVE_EXAMPLES,
     "lm-eval": """examples:
   peft-backattn lm-eval --model hf --model_args pretrained=BASE,peft=HEAD --tasks gsm8k_local \\
       --metadata gsm8k_dir=../shared/data/gsm8k --limit 200 --output_path results/
@@ -278,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     demo.add_argument("--seed", type=seed_int, default=0, help="seed of data, head init and shuffling")
     add_serve_options(command("serve", SERVE_HELP))
+    command("vllm-serve", VLLM_SERVE_HELP)  # listed here; its arguments are vllm serve's, handled in main()
     command(
         "lm-eval", "Score heads with lm-evaluation-harness: its own arguments, with the backattn method registered."
     )
@@ -291,6 +294,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv[:1] == ["lm-eval"]:  # every argument after it is lm-eval's, --help included
         quiet_notices()  # lm-eval's own logging and progress bars stay as they are
         return harness.main(argv[1:])
+    if argv[:1] == ["vllm-serve"]:  # every argument after it but --head and --heads-dir is vllm serve's
+        return vllm_serve(argv[1:])
     quiet_dependencies()
     args = build_parser().parse_args(argv)
     try:
