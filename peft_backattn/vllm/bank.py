@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .._files import WEIGHTS_NAME
 from .._loading import CONFIG_FIELDS
-from .._peft_type import BACKATTN
+from .._peft_type import PEFT_TYPE_NAME
 from ..caches import ROWS_PER_VOCAB_CHUNK
 from ..config import COMBINE_MODES, CONFIG_NAME, LOGIT_WEIGHTINGS, QUERY_ACTIVATIONS, BackAttnConfig
 from ..head import BackAttnHead, FrozenTensors
@@ -147,7 +147,7 @@ def read_head(folder: str | os.PathLike, base_config: PretrainedConfig, skeleton
     if not os.path.isfile(os.path.join(folder, CONFIG_NAME)):
         raise ValueError(f"No head at {folder} (no {CONFIG_NAME}); pass a folder written by save_pretrained.")
     peft_type = PeftConfig._get_peft_type(folder)  # as load_adapter reads it; one line for an unknown type
-    if peft_type != BACKATTN:
+    if peft_type != PEFT_TYPE_NAME:
         raise ValueError(f"{folder} holds a {peft_type} adapter, not a backattn head; vLLM serves backattn heads.")
     config = BackAttnConfig.from_pretrained(folder)  # the config's own checks, then the weights file's
     check_base_compatibility(config, skeleton)

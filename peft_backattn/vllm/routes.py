@@ -23,7 +23,7 @@ import os
 from collections import Counter
 from collections.abc import Awaitable, Callable
 
-from .._peft_type import BACKATTN
+from .._peft_type import PEFT_TYPE_NAME
 from ..config import CONFIG_NAME
 from .bank import HEAD_KEY, check_head_name, served_heads, set_served_heads
 
@@ -113,7 +113,7 @@ class HeadRoutes:
         config = os.path.join(str(request.get("lora_path", "")), CONFIG_NAME)
         try:
             with open(config) as handle:
-                return json.load(handle).get("peft_type") == BACKATTN.value
+                return json.load(handle).get("peft_type") == PEFT_TYPE_NAME
         except (OSError, ValueError, AttributeError):
             return False
 
