@@ -12,6 +12,7 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +28,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_backattn import BackAttnConfig
 from peft_backattn.cli import main
+from peft_backattn.serve import scheduler as scheduler_module
 from peft_backattn.serve.server import BackgroundServer, build_state
 
 BASE = "tiny-base"
@@ -164,6 +166,60 @@ def wait_idle(server, timeout: float = 10.0) -> None:
     raise AssertionError(f"rows still in the batch: {server.state.scheduler.stats()}")
 
 
+def wait_for(condition, timeout: float = LONG_WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.005)
+
+
+class Gate:
+    """Holds the scheduler's worker before a forward: `hold_after(1)` then a stream lets its prefill through (the
+    stream's first token) and holds its first step, so that requests sent meanwhile join it, together, on `open()`."""
+
+    def __init__(self, scheduler, monkeypatch) -> None:
+        self.condition = threading.Condition()
+        self.left: int | None = None  # forwards let through before holding; None: every one
+        forward = scheduler._forward
+
+        def gated(*args):
+            with self.condition:
+                self.condition.wait_for(lambda: self.left is None or self.left > 0, LONG_WAIT)
+                if self.left:
+                    self.left -= 1
+            return forward(*args)
+
+        monkeypatch.setattr(scheduler, "_forward", gated)
+
+    def hold_after(self, forwards: int) -> None:
+        with self.condition:
+            self.left = forwards
+
+    def open(self) -> None:
+        with self.condition:
+            self.left = None
+            self.condition.notify_all()
+
+
+@pytest.fixture
+def gate(server, monkeypatch) -> Gate:
+    held = Gate(server.state.scheduler, monkeypatch)
+    yield held
+    held.open()  # a failed test must not leave the worker held
+
+
+def start_stream(client, name: str = "alpha", prompt: str = PROMPTS[3], max_tokens: int = 120):
+    """A greedy stream that has begun decoding: (its chunk iterator, the text received so far)."""
+    chunks = iter(client.completions.create(model=name, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                            stream=True))  # fmt: skip
+    return chunks, next(chunks).choices[0].text
+
+
+def rest_of(chunks, received: str) -> str:
+    return received + "".join(c.choices[0].text for c in chunks if c.choices)
+
+
 # -- models, completions, chat -------------------------------------------------------------------------------------
 
 
@@ -299,6 +355,142 @@ def test_stop_strings_cut_the_text_and_finish_with_stop(client, reference):
         model="beta", prompt=PROMPTS[0], max_tokens=20, temperature=0, stop=stop, stream=True
     )
     assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
+
+
+# -- one request's error is its own ----------------------------------------------------------------------------------
+
+SEED_RANGE_MESSAGE = "seed: must be an integer from -2**63 to 2**63 - 1 (64-bit signed)"
+
+
+@pytest.mark.parametrize(
+    "changes, outcome",
+    [
+        ({"temperature": 1e-300}, "greedy"),  # logits / 1e-300 overflow: tiny temperatures are greedy
+        ({"temperature": 1e-6, "n": 2, "seed": 3}, "greedy"),
+        ({"seed": 2**64}, "seed"),  # more than torch's generators take
+        ({"seed": -(2**63) - 1}, "seed"),
+    ],
+)
+def test_a_bad_request_beside_a_running_stream_leaves_the_stream_equal_to_its_head_alone(
+    client, server, reference, gate, changes, outcome
+):
+    gate.hold_after(1)  # the stream's prefill; it stays in the batch while the bad request arrives
+    chunks, received = start_stream(client)
+    body = {"model": "beta", "prompt": PROMPTS[1], "max_tokens": 8, **changes}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, server, "/completions", body)
+        if outcome == "greedy":  # it reaches the batch: joins the stream's rows at the next step
+            wait_for(lambda: server.state.scheduler.stats().waiting == changes.get("n", 1))
+            assert server.state.scheduler.stats().active == 1
+        else:
+            answer.result(timeout=LONG_WAIT)  # refused at the door, while the worker is held
+        gate.open()
+        status, text = answer.result(timeout=LONG_WAIT)
+    assert rest_of(chunks, received) == reference.completion("alpha", PROMPTS[3], 120)[0]
+    if outcome == "greedy":
+        assert status == 200
+        expected = reference.completion("beta", PROMPTS[1], 8)[0]
+        assert [c["text"] for c in json.loads(text)["choices"]] == [expected] * changes.get("n", 1)
+    else:
+        error = error_of(text)
+        assert (status, error["param"], error["message"]) == (400, "seed", SEED_RANGE_MESSAGE)
+    wait_idle(server)
+
+
+def test_the_seed_range_is_what_the_sampler_takes(client):
+    """The ends of the range, with n choices seeded seed + i, give reproducible samples."""
+
+    def ask(seed: int) -> list[tuple[int, str]]:
+        response = client.completions.create(
+            model="beta", prompt=PROMPTS[2], max_tokens=4, temperature=1.5, n=3, seed=seed
+        )
+        return sorted((c.index, c.text) for c in response.choices)
+
+    for seed in (2**63 - 1, -(2**63)):
+        first = ask(seed)
+        assert len(first) == 3 and ask(seed) == first
+
+
+BAD_SEED = 4242
+
+
+def _fail_for_the_bad_seed(step: str, monkeypatch, scheduler) -> None:
+    """Make one step fail for rows seeded BAD_SEED: at their generator, or at their 2nd token's sampling or text."""
+    if step == "seeding":
+        make = scheduler_module._generator
+
+        def generator(seed):
+            if seed == BAD_SEED:
+                raise RuntimeError("injected")
+            return make(seed)
+
+        monkeypatch.setattr(scheduler_module, "_generator", generator)
+    elif step == "sampling":
+        sample = scheduler_module._sample
+
+        def sampler(logits, params, row):
+            if params.seed == BAD_SEED and row.generated >= 1:
+                raise RuntimeError("injected")
+            return sample(logits, params, row)
+
+        monkeypatch.setattr(scheduler_module, "_sample", sampler)
+    else:
+        emit = scheduler._emit
+
+        def emitter(row, token):
+            if row.request.params.seed == BAD_SEED and row.generated >= 2:
+                raise RuntimeError("injected")
+            return emit(row, token)
+
+        monkeypatch.setattr(scheduler, "_emit", emitter)
+
+
+ROW_FAILURES = {
+    "seeding": "seeding its random generator failed for this request (RuntimeError: injected)",
+    "sampling": "sampling its next token failed for this request (RuntimeError: injected)",
+    "decoding": "decoding its text failed for this request (RuntimeError: injected)",
+}
+
+
+@pytest.mark.parametrize("step", ROW_FAILURES)
+def test_a_row_whose_own_step_fails_ends_alone_and_the_batch_goes_on(
+    client, server, reference, monkeypatch, gate, step
+):
+    """Whatever validation lets through: a failure in one row's seeding, sampling or text fails that request only;
+    the running stream and a request admitted in the same prefill as the failing one give their heads' answers."""
+    scheduler = server.state.scheduler
+    _fail_for_the_bad_seed(step, monkeypatch, scheduler)
+    failed = scheduler.stats().failed
+    gate.hold_after(1)
+    chunks, received = start_stream(client)
+    bad = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 1.0, "seed": BAD_SEED}
+    good = {"model": "beta", "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0}
+    with ThreadPoolExecutor(2) as pool:
+        answers = [pool.submit(post, server, "/completions", body) for body in (bad, good)]
+        wait_for(lambda: scheduler.stats().waiting == 2)  # both will be admitted together, beside the stream
+        gate.open()
+        (bad_status, bad_text), (good_status, good_text) = [a.result(timeout=LONG_WAIT) for a in answers]
+    assert good_status == 200
+    assert json.loads(good_text)["choices"][0]["text"] == reference.completion("beta", PROMPTS[2], 8)[0]
+    assert rest_of(chunks, received) == reference.completion("alpha", PROMPTS[3], 120)[0]
+    error = error_of(bad_text)
+    assert (bad_status, error["type"], error["message"]) == (
+        500,
+        "server_error",
+        f"Generation failed: {ROW_FAILURES[step]}",
+    )
+    assert scheduler.stats().failed == failed + 1
+    wait_idle(server)
+
+
+def test_a_streaming_row_that_fails_ends_its_stream_with_an_error_event(client, server, reference, monkeypatch):
+    _fail_for_the_bad_seed("sampling", monkeypatch, server.state.scheduler)
+    chunks, received = start_stream(client)
+    with pytest.raises(openai.APIError, match="sampling its next token failed for this request"):
+        list(client.completions.create(model="beta", prompt="A", max_tokens=8, temperature=1, seed=BAD_SEED,
+                                       stream=True))  # fmt: skip
+    assert rest_of(chunks, received) == reference.completion("alpha", PROMPTS[3], 120)[0]
+    wait_idle(server)
 
 
 # -- loading and unloading heads while serving -------------------------------------------------------------------
