@@ -552,6 +552,17 @@ def test_a_head_that_fails_validation_is_refused_and_nothing_is_loaded(client, s
     assert client.completions.create(model="alpha", prompt="A", max_tokens=2).choices  # still serving
 
 
+@pytest.mark.parametrize("name", ["../../etc/passwd", "math.v2", "a/b", "a\\b", "", " ", "two words", "tab\t"])
+def test_a_head_name_the_server_cannot_route_is_a_400_against_lora_name(client, server, heads, name):
+    config_before = sorted(server.state.registry.model.peft_config)
+    status, text = post(server, "/load_lora_adapter", {"lora_name": name, "lora_path": str(heads["gamma"])})
+    error = error_of(text)
+    assert (status, error["param"]) == (400, "lora_name")
+    assert repr(name) in error["message"] and "\n" not in error["message"]
+    assert sorted(server.state.registry.model.peft_config) == config_before
+    assert [m.id for m in client.models.list().data] == [BASE, "alpha", "beta"]
+
+
 # -- errors --------------------------------------------------------------------------------------------------------
 
 
@@ -660,6 +671,18 @@ def test_a_missing_or_wrong_api_key_is_a_401(keyed_server):
     assert right.completions.create(model=BASE, prompt="A", max_tokens=2, temperature=0).choices[0].text is not None
 
 
+@pytest.mark.parametrize(
+    "body", [b'{"model": "tiny-base", "prompt": ', json.dumps({"model": BASE, "temperature": "hot"}).encode()]
+)
+def test_the_key_is_checked_before_the_body(keyed_server, body):
+    """As OpenAI's API: a client without the key learns nothing about its request, malformed or not."""
+    for key in (None, "wrong"):
+        status, text = post(keyed_server, "/completions", body, key=key)
+        assert (status, error_of(text)["code"]) == (401, "invalid_api_key")
+    status, text = post(keyed_server, "/completions", body, key="sekrit")
+    assert status == 400 and error_of(text)["type"] == "invalid_request_error"
+
+
 def test_the_last_head_unloaded_leaves_the_bare_base_serving(keyed_server, heads, reference):
     body = {"lora_name": "alpha", "lora_path": str(heads["alpha"])}
     assert post(keyed_server, "/load_lora_adapter", body, key="sekrit")[0] == 200
@@ -681,6 +704,7 @@ def test_the_last_head_unloaded_leaves_the_bare_base_serving(keyed_server, heads
         (["--head", "x=/nonexistent/head"], "--head x=/nonexistent/head: No head at"),
         (["--heads-dir", "/nonexistent/dir"], "--heads-dir /nonexistent/dir: no such folder"),
         (["--head", "=path"], "expected NAME=PATH"),
+        (["--head", "../x=/nonexistent/head"], "--head '../x=/nonexistent/head': A head's name may hold no"),
     ],
 )
 def test_serve_errors_are_one_line(tiny_lm_dir, capsys, args, message):

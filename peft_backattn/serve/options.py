@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 
 from ..workbench.base_models import EMBEDDED_DEFAULT
+from .registry import head_name_problem
 
 SERVE_EXAMPLES = """examples:
   peft-backattn serve --head math=runs/demo/math_head --head short=runs/demo/short_head
@@ -54,6 +55,9 @@ def head_specs(specs: list[str], heads_dir: str | None) -> dict[str, str]:
         if not directory.is_dir():
             raise ValueError(f"--heads-dir {heads_dir}: no such folder.")
         for folder in sorted(p for p in directory.iterdir() if (p / "adapter_config.json").is_file()):
+            problem = head_name_problem(folder.name)
+            if problem is not None:
+                raise ValueError(f"--heads-dir {heads_dir}: {problem} Rename the folder or pass it with --head.")
             heads[folder.name] = str(folder)
         if not heads:
             raise ValueError(f"--heads-dir {heads_dir} holds no head folder (none with adapter_config.json).")
@@ -63,6 +67,9 @@ def head_specs(specs: list[str], heads_dir: str | None) -> dict[str, str]:
             name, path = Path(spec).resolve().name, spec
         if not name or not path:
             raise ValueError(f"--head {spec!r}: expected NAME=PATH.")
+        problem = head_name_problem(name)
+        if problem is not None:
+            raise ValueError(f"--head {spec!r}: {problem}")
         if name in heads:
             raise ValueError(f"--head {spec!r}: the name {name!r} is given twice.")
         heads[name] = path
