@@ -10,6 +10,8 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -712,6 +714,77 @@ def test_serve_errors_are_one_line(tiny_lm_dir, capsys, args, message):
     stderr = capsys.readouterr().err
     assert len(stderr.splitlines()) == 1 and stderr.startswith("peft-backattn: error: ")
     assert message in stderr
+
+
+WINDOW_RANGE = "argument --batch-window-ms: must be a finite number from 0 to 10000"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-window-ms", "inf"], f"{WINDOW_RANGE}, got inf"),
+        (["--batch-window-ms", "nan"], f"{WINDOW_RANGE}, got nan"),
+        (["--batch-window-ms", "-1"], f"{WINDOW_RANGE}, got -1"),
+        (["--batch-window-ms", "1e12"], f"{WINDOW_RANGE}, got 1e12"),
+        (["--port", "99999"], "argument --port: must be an integer from 0 to 65535, got 99999"),
+        (["--port", "-1"], "argument --port: must be an integer from 0 to 65535, got -1"),
+        (["--port", "http"], "argument --port: must be an integer from 0 to 65535, got 'http'"),
+        (["--max-batch", "0"], "argument --max-batch: must be an integer >= 1, got 0"),
+        (["--max-model-len", "1"], "argument --max-model-len: must be an integer >= 2, got 1"),
+    ],
+)
+def test_serve_options_out_of_range_are_one_line_before_anything_loads(capsys, args, message):
+    with pytest.raises(SystemExit) as exited:  # the model does not exist: it is never reached
+        main(["serve", "--model", "/nonexistent/model", *args])
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.splitlines()) == 1 and message in captured.err
+
+
+@pytest.mark.parametrize("window", [float("inf"), float("nan"), -1.0, 1e12])
+def test_build_state_refuses_a_batch_window_that_could_hang_the_worker(model_dir, tokenizer, window):
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="--batch-window-ms must be a finite number from 0 to 10000"):
+        build_state(base, tokenizer, BASE, batch_window_ms=window)
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "/nonexistent/model", "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no address announced
+    assert captured.err == (
+        f"peft-backattn: error: cannot listen on 127.0.0.1:{port}: the port is already in use (another server?); "
+        "choose another --port.\n"
+    )
+
+
+def test_serve_announces_its_address_only_once_it_listens(tiny_lm_dir):
+    """`--port 0` takes a free port; the line printed names it, and the server answers there at once."""
+    command = [sys.executable, "-m", "peft_backattn.cli", "serve", "--model", str(tiny_lm_dir), "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, process.kill)  # bounded, whatever happens
+    watchdog.start()
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("OpenAI-compatible API on ")):
+            line = process.stdout.readline()
+            assert line, f"serve ended before announcing its address: {process.stderr.read()}"
+            lines.append(line)
+        url = lines[-1].split()[3]
+        assert url.startswith("http://127.0.0.1:") and not url.startswith("http://127.0.0.1:0/")
+        with urllib.request.urlopen(url + "/models", timeout=LONG_WAIT) as response:
+            assert [m["id"] for m in json.loads(response.read())["data"]] == [str(tiny_lm_dir)]
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait()
 
 
 def test_an_error_inside_the_model_is_a_500_and_the_server_keeps_serving(client, server, monkeypatch):
