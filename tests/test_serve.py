@@ -51,11 +51,10 @@ def save_head(model_dir: Path, folder: Path, seed: int) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def save_lively_lm(directory: Path) -> Path:
     """A tiny Llama whose weights are large enough that its greedy text depends on the prompt and the head (at the
     usual init scale every row repeats one token, which would hide a row decoded with the wrong head)."""
-    directory = save_tiny_lm(tmp_path_factory.mktemp("lively") / "model")
+    save_tiny_lm(directory)
     model = AutoModelForCausalLM.from_pretrained(directory)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -64,6 +63,11 @@ def model_dir(tmp_path_factory) -> Path:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     model.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_lively_lm(tmp_path_factory.mktemp("lively") / "model")
 
 
 @pytest.fixture(scope="module")
