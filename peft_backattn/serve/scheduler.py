@@ -6,6 +6,10 @@ join (they are prefilled together, left-padded, and their cache is merged into t
 that change the model (loading or deleting a head) run. Nothing else touches the model: one model object needs
 one caller at a time.
 
+One request's error is its own: each row's own steps (its random generator, its sampling, its text) run under their
+own error handling, so an error there ends that row alone and the batch goes on; a failed prefill fails only the
+rows joining in it. Only a failure of a decoding step's shared forward ends the rows of that step.
+
 Joining a running batch needs a KV cache whose layers are plain `DynamicLayer`s (full attention: Llama, GPT-2,
 OPT, GPT-NeoX, the embedded SmolLM2, ...). For any other cache (sliding windows, linear attention) the scheduler
 falls back to micro-batches: requests gathered within a short window start together, and new ones wait until that
