@@ -10,8 +10,11 @@ from __future__ import annotations
 import http.client
 import json
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -27,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from peft_backattn import BackAttnConfig
 from peft_backattn.cli import main
+from peft_backattn.serve import scheduler as scheduler_module
 from peft_backattn.serve.server import BackgroundServer, build_state
 
 BASE = "tiny-base"
@@ -47,11 +51,10 @@ def save_head(model_dir: Path, folder: Path, seed: int) -> Path:
     return folder
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
+def save_lively_lm(directory: Path) -> Path:
     """A tiny Llama whose weights are large enough that its greedy text depends on the prompt and the head (at the
     usual init scale every row repeats one token, which would hide a row decoded with the wrong head)."""
-    directory = save_tiny_lm(tmp_path_factory.mktemp("lively") / "model")
+    save_tiny_lm(directory)
     model = AutoModelForCausalLM.from_pretrained(directory)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -60,6 +63,11 @@ def model_dir(tmp_path_factory) -> Path:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
     model.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    return save_lively_lm(tmp_path_factory.mktemp("lively") / "model")
 
 
 @pytest.fixture(scope="module")
@@ -162,6 +170,60 @@ def wait_idle(server, timeout: float = 10.0) -> None:
             return
         time.sleep(0.05)
     raise AssertionError(f"rows still in the batch: {server.state.scheduler.stats()}")
+
+
+def wait_for(condition, timeout: float = LONG_WAIT) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out waiting")
+        time.sleep(0.005)
+
+
+class Gate:
+    """Holds the scheduler's worker before a forward: `hold_after(1)` then a stream lets its prefill through (the
+    stream's first token) and holds its first step, so that requests sent meanwhile join it, together, on `open()`."""
+
+    def __init__(self, scheduler, monkeypatch) -> None:
+        self.condition = threading.Condition()
+        self.left: int | None = None  # forwards let through before holding; None: every one
+        forward = scheduler._forward
+
+        def gated(*args):
+            with self.condition:
+                self.condition.wait_for(lambda: self.left is None or self.left > 0, LONG_WAIT)
+                if self.left:
+                    self.left -= 1
+            return forward(*args)
+
+        monkeypatch.setattr(scheduler, "_forward", gated)
+
+    def hold_after(self, forwards: int) -> None:
+        with self.condition:
+            self.left = forwards
+
+    def open(self) -> None:
+        with self.condition:
+            self.left = None
+            self.condition.notify_all()
+
+
+@pytest.fixture
+def gate(server, monkeypatch) -> Gate:
+    held = Gate(server.state.scheduler, monkeypatch)
+    yield held
+    held.open()  # a failed test must not leave the worker held
+
+
+def start_stream(client, name: str = "alpha", prompt: str = PROMPTS[3], max_tokens: int = 120):
+    """A greedy stream that has begun decoding: (its chunk iterator, the text received so far)."""
+    chunks = iter(client.completions.create(model=name, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                            stream=True))  # fmt: skip
+    return chunks, next(chunks).choices[0].text
+
+
+def rest_of(chunks, received: str) -> str:
+    return received + "".join(c.choices[0].text for c in chunks if c.choices)
 
 
 # -- models, completions, chat -------------------------------------------------------------------------------------
@@ -301,6 +363,142 @@ def test_stop_strings_cut_the_text_and_finish_with_stop(client, reference):
     assert "".join(c.choices[0].text for c in streamed) == full[: full.index(stop)]
 
 
+# -- one request's error is its own ----------------------------------------------------------------------------------
+
+SEED_RANGE_MESSAGE = "seed: must be an integer from -2**63 to 2**63 - 1 (64-bit signed)"
+
+
+@pytest.mark.parametrize(
+    "changes, outcome",
+    [
+        ({"temperature": 1e-300}, "greedy"),  # logits / 1e-300 overflow: tiny temperatures are greedy
+        ({"temperature": 1e-6, "n": 2, "seed": 3}, "greedy"),
+        ({"seed": 2**64}, "seed"),  # more than torch's generators take
+        ({"seed": -(2**63) - 1}, "seed"),
+    ],
+)
+def test_a_bad_request_beside_a_running_stream_leaves_the_stream_equal_to_its_head_alone(
+    client, server, reference, gate, changes, outcome
+):
+    gate.hold_after(1)  # the stream's prefill; it stays in the batch while the bad request arrives
+    chunks, received = start_stream(client)
+    body = {"model": "beta", "prompt": PROMPTS[1], "max_tokens": 8, **changes}
+    with ThreadPoolExecutor(1) as pool:
+        answer = pool.submit(post, server, "/completions", body)
+        if outcome == "greedy":  # it reaches the batch: joins the stream's rows at the next step
+            wait_for(lambda: server.state.scheduler.stats().waiting == changes.get("n", 1))
+            assert server.state.scheduler.stats().active == 1
+        else:
+            answer.result(timeout=LONG_WAIT)  # refused at the door, while the worker is held
+        gate.open()
+        status, text = answer.result(timeout=LONG_WAIT)
+    assert rest_of(chunks, received) == reference.completion("alpha", PROMPTS[3], 120)[0]
+    if outcome == "greedy":
+        assert status == 200
+        expected = reference.completion("beta", PROMPTS[1], 8)[0]
+        assert [c["text"] for c in json.loads(text)["choices"]] == [expected] * changes.get("n", 1)
+    else:
+        error = error_of(text)
+        assert (status, error["param"], error["message"]) == (400, "seed", SEED_RANGE_MESSAGE)
+    wait_idle(server)
+
+
+def test_the_seed_range_is_what_the_sampler_takes(client):
+    """The ends of the range, with n choices seeded seed + i, give reproducible samples."""
+
+    def ask(seed: int) -> list[tuple[int, str]]:
+        response = client.completions.create(
+            model="beta", prompt=PROMPTS[2], max_tokens=4, temperature=1.5, n=3, seed=seed
+        )
+        return sorted((c.index, c.text) for c in response.choices)
+
+    for seed in (2**63 - 1, -(2**63)):
+        first = ask(seed)
+        assert len(first) == 3 and ask(seed) == first
+
+
+BAD_SEED = 4242
+
+
+def _fail_for_the_bad_seed(step: str, monkeypatch, scheduler) -> None:
+    """Make one step fail for rows seeded BAD_SEED: at their generator, or at their 2nd token's sampling or text."""
+    if step == "seeding":
+        make = scheduler_module._generator
+
+        def generator(seed):
+            if seed == BAD_SEED:
+                raise RuntimeError("injected")
+            return make(seed)
+
+        monkeypatch.setattr(scheduler_module, "_generator", generator)
+    elif step == "sampling":
+        sample = scheduler_module._sample
+
+        def sampler(logits, params, row):
+            if params.seed == BAD_SEED and row.generated >= 1:
+                raise RuntimeError("injected")
+            return sample(logits, params, row)
+
+        monkeypatch.setattr(scheduler_module, "_sample", sampler)
+    else:
+        emit = scheduler._emit
+
+        def emitter(row, token):
+            if row.request.params.seed == BAD_SEED and row.generated >= 2:
+                raise RuntimeError("injected")
+            return emit(row, token)
+
+        monkeypatch.setattr(scheduler, "_emit", emitter)
+
+
+ROW_FAILURES = {
+    "seeding": "seeding its random generator failed for this request (RuntimeError: injected)",
+    "sampling": "sampling its next token failed for this request (RuntimeError: injected)",
+    "decoding": "decoding its text failed for this request (RuntimeError: injected)",
+}
+
+
+@pytest.mark.parametrize("step", ROW_FAILURES)
+def test_a_row_whose_own_step_fails_ends_alone_and_the_batch_goes_on(
+    client, server, reference, monkeypatch, gate, step
+):
+    """Whatever validation lets through: a failure in one row's seeding, sampling or text fails that request only;
+    the running stream and a request admitted in the same prefill as the failing one give their heads' answers."""
+    scheduler = server.state.scheduler
+    _fail_for_the_bad_seed(step, monkeypatch, scheduler)
+    failed = scheduler.stats().failed
+    gate.hold_after(1)
+    chunks, received = start_stream(client)
+    bad = {"model": "alpha", "prompt": PROMPTS[0], "max_tokens": 8, "temperature": 1.0, "seed": BAD_SEED}
+    good = {"model": "beta", "prompt": PROMPTS[2], "max_tokens": 8, "temperature": 0}
+    with ThreadPoolExecutor(2) as pool:
+        answers = [pool.submit(post, server, "/completions", body) for body in (bad, good)]
+        wait_for(lambda: scheduler.stats().waiting == 2)  # both will be admitted together, beside the stream
+        gate.open()
+        (bad_status, bad_text), (good_status, good_text) = [a.result(timeout=LONG_WAIT) for a in answers]
+    assert good_status == 200
+    assert json.loads(good_text)["choices"][0]["text"] == reference.completion("beta", PROMPTS[2], 8)[0]
+    assert rest_of(chunks, received) == reference.completion("alpha", PROMPTS[3], 120)[0]
+    error = error_of(bad_text)
+    assert (bad_status, error["type"], error["message"]) == (
+        500,
+        "server_error",
+        f"Generation failed: {ROW_FAILURES[step]}",
+    )
+    assert scheduler.stats().failed == failed + 1
+    wait_idle(server)
+
+
+def test_a_streaming_row_that_fails_ends_its_stream_with_an_error_event(client, server, reference, monkeypatch):
+    _fail_for_the_bad_seed("sampling", monkeypatch, server.state.scheduler)
+    chunks, received = start_stream(client)
+    with pytest.raises(openai.APIError, match="sampling its next token failed for this request"):
+        list(client.completions.create(model="beta", prompt="A", max_tokens=8, temperature=1, seed=BAD_SEED,
+                                       stream=True))  # fmt: skip
+    assert rest_of(chunks, received) == reference.completion("alpha", PROMPTS[3], 120)[0]
+    wait_idle(server)
+
+
 # -- loading and unloading heads while serving -------------------------------------------------------------------
 
 
@@ -358,6 +556,17 @@ def test_a_head_that_fails_validation_is_refused_and_nothing_is_loaded(client, s
     assert sorted(server.state.registry.model.peft_config) == config_before
     assert [m.id for m in client.models.list().data] == [BASE, "alpha", "beta"]
     assert client.completions.create(model="alpha", prompt="A", max_tokens=2).choices  # still serving
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "math.v2", "a/b", "a\\b", "", " ", "two words", "tab\t"])
+def test_a_head_name_the_server_cannot_route_is_a_400_against_lora_name(client, server, heads, name):
+    config_before = sorted(server.state.registry.model.peft_config)
+    status, text = post(server, "/load_lora_adapter", {"lora_name": name, "lora_path": str(heads["gamma"])})
+    error = error_of(text)
+    assert (status, error["param"]) == (400, "lora_name")
+    assert repr(name) in error["message"] and "\n" not in error["message"]
+    assert sorted(server.state.registry.model.peft_config) == config_before
+    assert [m.id for m in client.models.list().data] == [BASE, "alpha", "beta"]
 
 
 # -- errors --------------------------------------------------------------------------------------------------------
@@ -468,6 +677,18 @@ def test_a_missing_or_wrong_api_key_is_a_401(keyed_server):
     assert right.completions.create(model=BASE, prompt="A", max_tokens=2, temperature=0).choices[0].text is not None
 
 
+@pytest.mark.parametrize(
+    "body", [b'{"model": "tiny-base", "prompt": ', json.dumps({"model": BASE, "temperature": "hot"}).encode()]
+)
+def test_the_key_is_checked_before_the_body(keyed_server, body):
+    """As OpenAI's API: a client without the key learns nothing about its request, malformed or not."""
+    for key in (None, "wrong"):
+        status, text = post(keyed_server, "/completions", body, key=key)
+        assert (status, error_of(text)["code"]) == (401, "invalid_api_key")
+    status, text = post(keyed_server, "/completions", body, key="sekrit")
+    assert status == 400 and error_of(text)["type"] == "invalid_request_error"
+
+
 def test_the_last_head_unloaded_leaves_the_bare_base_serving(keyed_server, heads, reference):
     body = {"lora_name": "alpha", "lora_path": str(heads["alpha"])}
     assert post(keyed_server, "/load_lora_adapter", body, key="sekrit")[0] == 200
@@ -489,6 +710,7 @@ def test_the_last_head_unloaded_leaves_the_bare_base_serving(keyed_server, heads
         (["--head", "x=/nonexistent/head"], "--head x=/nonexistent/head: No head at"),
         (["--heads-dir", "/nonexistent/dir"], "--heads-dir /nonexistent/dir: no such folder"),
         (["--head", "=path"], "expected NAME=PATH"),
+        (["--head", "../x=/nonexistent/head"], "--head '../x=/nonexistent/head': A head's name may hold no"),
     ],
 )
 def test_serve_errors_are_one_line(tiny_lm_dir, capsys, args, message):
@@ -496,6 +718,77 @@ def test_serve_errors_are_one_line(tiny_lm_dir, capsys, args, message):
     stderr = capsys.readouterr().err
     assert len(stderr.splitlines()) == 1 and stderr.startswith("peft-backattn: error: ")
     assert message in stderr
+
+
+WINDOW_RANGE = "argument --batch-window-ms: must be a finite number from 0 to 10000"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batch-window-ms", "inf"], f"{WINDOW_RANGE}, got inf"),
+        (["--batch-window-ms", "nan"], f"{WINDOW_RANGE}, got nan"),
+        (["--batch-window-ms", "-1"], f"{WINDOW_RANGE}, got -1"),
+        (["--batch-window-ms", "1e12"], f"{WINDOW_RANGE}, got 1e12"),
+        (["--port", "99999"], "argument --port: must be an integer from 0 to 65535, got 99999"),
+        (["--port", "-1"], "argument --port: must be an integer from 0 to 65535, got -1"),
+        (["--port", "http"], "argument --port: must be an integer from 0 to 65535, got 'http'"),
+        (["--max-batch", "0"], "argument --max-batch: must be an integer >= 1, got 0"),
+        (["--max-model-len", "1"], "argument --max-model-len: must be an integer >= 2, got 1"),
+    ],
+)
+def test_serve_options_out_of_range_are_one_line_before_anything_loads(capsys, args, message):
+    with pytest.raises(SystemExit) as exited:  # the model does not exist: it is never reached
+        main(["serve", "--model", "/nonexistent/model", *args])
+    assert exited.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert len(captured.err.splitlines()) == 1 and message in captured.err
+
+
+@pytest.mark.parametrize("window", [float("inf"), float("nan"), -1.0, 1e12])
+def test_build_state_refuses_a_batch_window_that_could_hang_the_worker(model_dir, tokenizer, window):
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    with pytest.raises(ValueError, match="--batch-window-ms must be a finite number from 0 to 10000"):
+        build_state(base, tokenizer, BASE, batch_window_ms=window)
+
+
+def test_a_port_in_use_is_one_line_before_the_model_loads(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["serve", "--model", "/nonexistent/model", "--port", str(port)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no address announced
+    assert captured.err == (
+        f"peft-backattn: error: cannot listen on 127.0.0.1:{port}: the port is already in use (another server?); "
+        "choose another --port.\n"
+    )
+
+
+def test_serve_announces_its_address_only_once_it_listens(tiny_lm_dir):
+    """`--port 0` takes a free port; the line printed names it, and the server answers there at once."""
+    command = [sys.executable, "-m", "peft_backattn.cli", "serve", "--model", str(tiny_lm_dir), "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    watchdog = threading.Timer(120, process.kill)  # bounded, whatever happens
+    watchdog.start()
+    try:
+        lines = []
+        while not (lines and lines[-1].startswith("OpenAI-compatible API on ")):
+            line = process.stdout.readline()
+            assert line, f"serve ended before announcing its address: {process.stderr.read()}"
+            lines.append(line)
+        url = lines[-1].split()[3]
+        assert url.startswith("http://127.0.0.1:") and not url.startswith("http://127.0.0.1:0/")
+        with urllib.request.urlopen(url + "/models", timeout=LONG_WAIT) as response:
+            assert [m["id"] for m in json.loads(response.read())["data"]] == [str(tiny_lm_dir)]
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    finally:
+        watchdog.cancel()
+        process.kill()
+        process.wait()
 
 
 def test_an_error_inside_the_model_is_a_500_and_the_server_keeps_serving(client, server, monkeypatch):

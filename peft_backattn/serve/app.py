@@ -51,8 +51,12 @@ def create_app(state: ServerState) -> FastAPI:
         return JSONResponse(error.body(), status_code=error.status)
 
     @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
-        return JSONResponse(_validation_error(error).body(), status_code=400)
+    async def _invalid(request: Request, error: RequestValidationError) -> JSONResponse:
+        # The key comes first, as in OpenAI's API: without it, a client learns nothing about its body (FastAPI
+        # parses the JSON before any dependency runs, so a malformed body would otherwise be judged first).
+        refused = _key_error(state, request) if request.url.path.startswith("/v1/") else None
+        problem = refused or _validation_error(error)
+        return JSONResponse(problem.body(), status_code=problem.status)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -129,18 +133,26 @@ def create_app(state: ServerState) -> FastAPI:
 
 def _check_key(state: ServerState) -> Callable:
     async def check(request: Request) -> None:
-        if state.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, key = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(key.strip().encode(), state.api_key.encode()):
-            raise ServeError(
-                401,
-                "Missing API key (send 'Authorization: Bearer KEY')." if not header else "Incorrect API key provided.",
-                code="invalid_api_key",
-            )
+        refused = _key_error(state, request)
+        if refused is not None:
+            raise refused
 
     return check
+
+
+def _key_error(state: ServerState, request: Request) -> ServeError | None:
+    """The 401 for a request without the right key (None when it has it, or when the server needs none)."""
+    if state.api_key is None:
+        return None
+    header = request.headers.get("authorization", "")
+    scheme, _, key = header.partition(" ")
+    if scheme.lower() == "bearer" and hmac.compare_digest(key.strip().encode(), state.api_key.encode()):
+        return None
+    return ServeError(
+        401,
+        "Missing API key (send 'Authorization: Bearer KEY')." if not header else "Incorrect API key provided.",
+        code="invalid_api_key",
+    )
 
 
 def _model_card(name: str, created: int, root: str, parent: str | None) -> dict:

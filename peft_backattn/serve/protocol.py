@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 MAX_STOP_STRINGS = 4  # as OpenAI's API
 MAX_CHOICES = 16
+SEED_RANGE = (-(2**63), 2**63 - 1)  # a signed 64-bit integer, as vLLM: choice i's generator takes seed + i
 
 
 class _Strict(BaseModel):
@@ -38,6 +40,13 @@ class _Sampling(_Strict):
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
+
+    @field_validator("seed")
+    @classmethod
+    def _seed_in_range(cls, seed: int | None) -> int | None:
+        if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+            raise PydanticCustomError("seed_range", "must be an integer from -2**63 to 2**63 - 1 (64-bit signed)")
+        return seed
 
     @field_validator("stop")
     @classmethod

@@ -21,6 +21,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..layer import BASE_ADAPTER_NAME
 from .errors import ServeError
 
+UNROUTABLE_CHARACTERS = "./\\"  # PEFT's module names cannot hold a ".", and a path separator is no name
+
+
+def head_name_problem(name: object) -> str | None:
+    """Why `name` cannot name a head (None if it can). Clients put it in `model` as it is and PEFT makes it part of
+    module names, so it is non-empty, printable, and holds no whitespace, '.', '/' or backslash."""
+    if not isinstance(name, str) or not name:
+        return f"A head needs a non-empty name, got {name!r}."
+    if any(c.isspace() or not c.isprintable() or c in UNROUTABLE_CHARACTERS for c in name):
+        return f"A head's name may hold no whitespace, '.', '/' or backslash, got {name!r}; choose one like 'math'."
+    return None
+
 
 class TextCodec:
     """The tokenizer behind a lock: the event loop encodes prompts while the worker decodes, and a fast
@@ -103,9 +115,9 @@ class HeadRegistry:
 
     def check_new_head(self, name: str, path: str | os.PathLike) -> None:
         """Refuse a name that is taken or reserved, and a path that holds no head, before anything is loaded."""
-        if not isinstance(name, str) or not name.strip() or name != name.strip():
-            raise ServeError(400, f"A head needs a non-empty name without surrounding spaces, got {name!r}.",
-                             param="lora_name")  # fmt: skip
+        problem = head_name_problem(name)
+        if problem is not None:
+            raise ServeError(400, problem, param="lora_name")
         if name in (self.base_name, BASE_ADAPTER_NAME):
             raise ServeError(400, f"The name {name!r} is reserved for the base model; choose another.",
                              param="lora_name")  # fmt: skip

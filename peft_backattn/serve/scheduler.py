@@ -6,6 +6,10 @@ join (they are prefilled together, left-padded, and their cache is merged into t
 that change the model (loading or deleting a head) run. Nothing else touches the model: one model object needs
 one caller at a time.
 
+One request's error is its own: each row's own steps (its random generator, its sampling, its text) run under their
+own error handling, so an error there ends that row alone and the batch goes on; a failed prefill fails only the
+rows joining in it. Only a failure of a decoding step's shared forward ends the rows of that step.
+
 Joining a running batch needs a KV cache whose layers are plain `DynamicLayer`s (full attention: Llama, GPT-2,
 OPT, GPT-NeoX, the embedded SmolLM2, ...). For any other cache (sliding windows, linear attention) the scheduler
 falls back to micro-batches: requests gathered within a short window start together, and new ones wait until that
@@ -30,10 +34,15 @@ from transformers.cache_utils import DynamicLayer
 
 from .registry import HeadRegistry, TextCodec
 
+# Below this temperature a row is greedy, as in vLLM: logits / 1e-300 overflow to inf and softmax gives NaNs, and
+# at 1e-5 sampling is already argmax up to exact ties.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How one row decodes: temperature 0 is greedy (argmax); otherwise softmax sampling with nucleus `top_p`."""
+    """How one row decodes: temperature 0 (or below 1e-5) is greedy (argmax); otherwise softmax sampling with
+    nucleus `top_p`."""
 
     max_tokens: int
     temperature: float = 1.0
@@ -41,6 +50,10 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     ignore_eos: bool = False  # vLLM's extension: decode max_tokens tokens whatever comes (benchmarks)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
 
 @dataclass(frozen=True)
@@ -114,6 +127,7 @@ class SchedulerStats:
     joined_running_batch: int  # requests admitted while other rows were decoding
     max_batch_seen: int
     cancelled: int  # rows dropped because their client went away
+    failed: int  # rows ended by an error in one of their own steps (seeding, sampling, decoding), the batch going on
 
 
 class BatchScheduler:
@@ -141,7 +155,7 @@ class BatchScheduler:
         self._mask: torch.Tensor | None = None  # (rows, cached positions), 1 where a real token is
         self._stopping = False
         self._fixed: ExitStack | None = None  # the heads' "weights fixed" block, open between model changes
-        self._steps = self._joined = self._max_batch_seen = self._cancelled = 0
+        self._steps = self._joined = self._max_batch_seen = self._cancelled = self._failed = 0
         self._thread = threading.Thread(target=self._run, name="peft-backattn-scheduler", daemon=True)
         self._thread.start()
 
@@ -179,8 +193,9 @@ class BatchScheduler:
     def stats(self) -> SchedulerStats:
         with self._condition:
             return SchedulerStats(
-                len(self._rows), len(self._waiting), self._steps, self._joined, self._max_batch_seen, self._cancelled
-            )
+                len(self._rows), len(self._waiting), self._steps, self._joined, self._max_batch_seen, self._cancelled,
+                self._failed,
+            )  # fmt: skip
 
     def close(self, timeout: float = 10.0) -> None:
         with self._condition:
@@ -259,12 +274,30 @@ class BatchScheduler:
             self._cancelled += sum(w.cancelled for w in self._waiting)
             self._waiting = [w for w in self._waiting if not w.cancelled]
             admitted, self._waiting = self._waiting[:room], self._waiting[room:]
-        if not admitted:
+        rows = []
+        for request in admitted:  # each row's own generator: a seed it cannot take fails that row alone
+            try:
+                rows.append(_Row(request, _generator(request.params.seed), len(request.prompt_ids)))
+            except Exception as error:
+                self._fail_row(request, "seeding its random generator", error)
+        if not rows:
             return
-        rows = [_Row(request, _generator(request.params.seed), len(request.prompt_ids)) for request in admitted]
+        try:
+            logits = self._prefill(rows)
+        except Exception as error:  # the joining rows fail (never wait forever); the running ones carry on
+            for row in rows:
+                row.request.post(Event(row.request.index, error=error))
+            return
+        self._rows += rows
+        self._max_batch_seen = max(self._max_batch_seen, len(self._rows))
+        self._sample_and_emit(rows, logits)
+        self._drop_finished()
+
+    def _prefill(self, rows: list[_Row]) -> torch.Tensor:
+        """One forward over the joining rows' prompts (left-padded) into a new cache, merged into the running one;
+        the running rows' cache is left as it was if this fails."""
         width = max(len(r.request.prompt_ids) for r in rows)
-        pad = self.codec.pad_id
-        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        input_ids = torch.full((len(rows), width), self.codec.pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             ids = row.request.prompt_ids
@@ -272,32 +305,34 @@ class BatchScheduler:
             mask[i, width - len(ids) :] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.registry.model.config)
-        try:
-            logits = self._forward(input_ids, mask, positions, cache, [r.request.head for r in rows])
-        except Exception as error:  # the joining rows fail; the running ones carry on
-            for row in rows:
-                row.request.post(Event(row.request.index, error=error))
-            return
+        logits = self._forward(input_ids, mask, positions, cache, [r.request.head for r in rows])
         if self._rows:
-            self._joined += len(rows)
             self._merge(cache, mask)
+            self._joined += len(rows)
         else:
             self._cache, self._mask = cache, mask
-        self._rows += rows
-        self._max_batch_seen = max(self._max_batch_seen, len(self._rows))
-        self._sample_and_emit(rows, logits)
-        self._drop_finished()
+        return logits
 
     def _can_join(self) -> bool:
         return self._cache is not None and all(type(layer) is DynamicLayer for layer in self._cache.layers)
 
     def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
-        """Append new rows (their cache and mask) below the running ones, left-padding the shorter side."""
+        """Append new rows (their cache and mask) below the running ones, left-padding the shorter side.
+
+        Everything is built before anything is assigned, so a failure (out of memory) leaves the running cache whole.
+        """
         width = max(self._mask.shape[1], mask.shape[1])
-        for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([_left_pad(old.keys, width, dim=-2), _left_pad(new.keys, width, dim=-2)])
-            old.values = torch.cat([_left_pad(old.values, width, dim=-2), _left_pad(new.values, width, dim=-2)])
-        self._mask = torch.cat([_left_pad(self._mask, width, dim=-1), _left_pad(mask, width, dim=-1)])
+        merged = [
+            (
+                torch.cat([_left_pad(old.keys, width, dim=-2), _left_pad(new.keys, width, dim=-2)]),
+                torch.cat([_left_pad(old.values, width, dim=-2), _left_pad(new.values, width, dim=-2)]),
+            )
+            for old, new in zip(self._cache.layers, cache.layers, strict=True)
+        ]
+        merged_mask = torch.cat([_left_pad(self._mask, width, dim=-1), _left_pad(mask, width, dim=-1)])
+        for layer, (keys, values) in zip(self._cache.layers, merged, strict=True):
+            layer.keys, layer.values = keys, values
+        self._mask = merged_mask
 
     def _step(self) -> None:
         rows = self._rows
@@ -335,17 +370,31 @@ class BatchScheduler:
         return output.logits[:, -1].float()
 
     def _sample_and_emit(self, rows: list[_Row], logits: torch.Tensor) -> None:
-        """Pick each row's next token from its logits (row i of `logits` is rows[i]) and post its text."""
+        """Pick each row's next token from its logits (row i of `logits` is rows[i]) and post its text.
+
+        Each row's sampling and text are its own: an error in them ends that row alone, and the batch goes on.
+        """
         greedy = logits.argmax(dim=-1).tolist()
         for i, row in enumerate(rows):
             params = row.request.params
-            if params.temperature == 0:
-                token = greedy[i]
-            else:
-                token = _sample(logits[i], params, row)
+            try:
+                token = greedy[i] if params.greedy else _sample(logits[i], params, row)
+            except Exception as error:
+                self._fail_row(row.request, "sampling its next token", error)
+                continue
             row.generated += 1
             row.next_token = token
-            self._emit(row, token)
+            try:
+                self._emit(row, token)
+            except Exception as error:
+                self._fail_row(row.request, "decoding its text", error)
+
+    def _fail_row(self, request: Request, step: str, error: BaseException) -> None:
+        """End one row with an error of its own; `_drop_finished` takes it out of the batch."""
+        request.finished = True
+        self._failed += 1
+        message = f"{step} failed for this request ({type(error).__name__}: {_one_line(error)})"
+        request.post(Event(request.index, error=RowError(message)))
 
     def _emit(self, row: _Row, token: int) -> None:
         """Post the row's new text; finish it on eos, a stop string, max_tokens or the end of the context."""
@@ -407,6 +456,14 @@ class BatchScheduler:
                 request.post(Event(request.index, error=error))
             for call in calls:
                 self._run_call(_Call(_raiser(error), call.ready, call.future, call.loop))
+
+
+class RowError(RuntimeError):
+    """An error in one row's own step (seeding, sampling, decoding): it ends that row, not the batch."""
+
+
+def _one_line(error: BaseException) -> str:
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def _raiser(error: BaseException) -> Callable[[], Any]:

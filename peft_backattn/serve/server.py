@@ -3,7 +3,10 @@ the command line or in a background thread for tests and benchmarks."""
 
 from __future__ import annotations
 
+import errno
+import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Mapping
@@ -14,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..workbench.base_models import load_base_model
 from .app import ServerState, create_app
 from .errors import ServeError
+from .options import MAX_BATCH_WINDOW_MS
 from .registry import HeadRegistry, TextCodec
 from .scheduler import BatchScheduler
 
@@ -32,8 +36,9 @@ def build_state(
     """Load the heads onto the base (each through PEFT's validated loaders) and start the scheduler's worker."""
     if max_batch < 1:
         raise ValueError(f"--max-batch must be at least 1, got {max_batch}.")
-    if batch_window_ms < 0:
-        raise ValueError(f"--batch-window-ms must not be negative, got {batch_window_ms}.")
+    if not (math.isfinite(batch_window_ms) and 0 <= batch_window_ms <= MAX_BATCH_WINDOW_MS):
+        raise ValueError(f"--batch-window-ms must be a finite number from 0 to {MAX_BATCH_WINDOW_MS:g}, got "
+                         f"{batch_window_ms}.")  # fmt: skip
     registry = HeadRegistry(base, base_name)
     for name, path in dict(heads).items():
         try:
@@ -82,19 +87,53 @@ def run_server(
     batch_window_ms: float = 10.0,
     max_model_len: int | None = None,
 ) -> None:
-    """Serve until interrupted (the command line's `serve`)."""
-    base, tokenizer = load_base_model(model)
-    state = build_state(
-        base, tokenizer, model, heads, api_key=api_key, max_batch=max_batch, batch_window_ms=batch_window_ms,
-        max_model_len=max_model_len,
-    )  # fmt: skip
+    """Serve until interrupted (the command line's `serve`).
+
+    The address is bound before the model loads, so that a port in use is reported at once, and announced only
+    once the model is ready and the socket listens.
+    """
+    listener = bind_address(host, port)
     try:
-        names = state.registry.names()
-        print(f"Serving {len(names) - 1} head(s) on {model}: {names[1:]} (and the base as {model!r})")
-        print(f"OpenAI-compatible API on http://{host}:{port}/v1 (Ctrl-C stops)", flush=True)
-        uvicorn.Server(uvicorn.Config(create_app(state), host=host, port=port, log_level="warning")).run()
+        base, tokenizer = load_base_model(model)
+        state = build_state(
+            base, tokenizer, model, heads, api_key=api_key, max_batch=max_batch, batch_window_ms=batch_window_ms,
+            max_model_len=max_model_len,
+        )  # fmt: skip
+        try:
+            listener.listen(2048)
+            port = listener.getsockname()[1]  # the one the system chose, for --port 0
+            names = state.registry.names()
+            print(f"Serving {len(names) - 1} head(s) on {model}: {names[1:]} (and the base as {model!r})")
+            shown = f"[{host}]" if ":" in host else host
+            print(f"OpenAI-compatible API on http://{shown}:{port}/v1 (Ctrl-C stops)", flush=True)
+            config = uvicorn.Config(create_app(state), host=host, port=port, log_level="warning")
+            uvicorn.Server(config).run(sockets=[listener])
+        finally:
+            state.scheduler.close()
     finally:
-        state.scheduler.close()
+        listener.close()
+
+
+def bind_address(host: str, port: int) -> socket.socket:
+    """A socket bound to `host`:`port` (not yet listening); an address that cannot be had is one line."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as error:
+        raise ValueError(f"--host {host}: not an address this machine can listen on ({error.strerror}).") from None
+    listener = socket.socket(family, kind, proto)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart need not wait
+        listener.bind(address)
+    except OSError as error:
+        listener.close()
+        if error.errno == errno.EADDRINUSE:
+            reason = "the port is already in use (another server?); choose another --port"
+        else:
+            reason = error.strerror or str(error)
+        raise ValueError(f"cannot listen on {host}:{port}: {reason}.") from None
+    return listener
 
 
 class BackgroundServer:
