@@ -9,21 +9,18 @@ without a traceback. Options are checked before anything is loaded or written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import math
 import os
 import sys
-import typing
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import Any, NoReturn
 
 import datasets
 import torch
 import transformers
-from peft import PeftConfig
 from transformers import set_seed
 
 from . import __version__
@@ -32,6 +29,7 @@ from .config import BackAttnConfig
 from .layer import BASE_ADAPTER_NAME
 from .model_card import record_card_details
 from .serve import SERVE_EXAMPLES, SERVE_HELP, add_serve_options, run_serve_command
+from .validation import add_dataclass_options, given_options
 from .workbench.base_models import EMBEDDED_DEFAULT, check_positions, load_base_config, load_base_model
 from .workbench.data import describe_source, load_problems, stream_examples
 from .workbench.demo import EVAL_MINUTES, TRAIN_MINUTES, run_demo
@@ -128,55 +126,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def option_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields of a dataclass that are command-line options: those with help text and a flag that is not None.
-
-    For `BackAttnConfig` only the fields it defines itself count; those inherited from PEFT's `PeftConfig` are
-    bookkeeping (peft_type, revision, ...), not settings of the head.
-    """
-    inherited = {f.name for f in dataclasses.fields(PeftConfig)} if issubclass(cls, PeftConfig) else set()
-    return [
-        f
-        for f in dataclasses.fields(cls)
-        if f.name not in inherited and "help" in f.metadata and f.metadata.get("flag", "") is not None
-    ]
-
-
-def add_dataclass_options(group: argparse._ActionsContainer, cls: type) -> None:
-    """One option per field of `cls`, from the field's type, default and help text: the one source of each option.
-
-    An option that is not given leaves no attribute behind (argparse.SUPPRESS), so `given_options` passes only what
-    the user typed and the dataclass's own defaults apply.
-    """
-    hints = typing.get_type_hints(cls)
-    for spec in option_fields(cls):
-        kind = hints[spec.name]
-        if type(None) in typing.get_args(kind):  # `X | None` -> X
-            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        required = spec.default is dataclasses.MISSING
-        negated = kind is bool and spec.default is True
-        flag = spec.metadata.get("flag") or ("--no-" if negated else "--") + spec.name.replace("_", "-")
-        help_text = spec.metadata["help"]
-        if negated:
-            help_text += f" (on by default; {flag} turns it off)"
-        elif not (required or kind is bool):
-            help_text += f" (default: {spec.default})"
-        kwargs: dict[str, Any] = {"dest": spec.name, "help": help_text, "default": argparse.SUPPRESS}
-        if kind is bool:
-            kwargs["action"] = "store_false" if negated else "store_true"
-        else:
-            choices = spec.metadata.get("choices")
-            if typing.get_origin(kind) is Literal:
-                choices, kind = typing.get_args(kind), str
-            kwargs.update(type=kind, choices=choices, required=required)
-        group.add_argument(flag, **kwargs)
-
-
-def given_options(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The options of `cls` that were given on the command line, as keyword arguments for `cls`."""
-    return {spec.name: getattr(args, spec.name) for spec in option_fields(cls) if hasattr(args, spec.name)}
 
 
 def build_parser() -> argparse.ArgumentParser:

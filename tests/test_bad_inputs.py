@@ -140,7 +140,7 @@ class Case:
 CASES = [
     # usage errors: argparse, one line from _Parser.error
     Case("train-without-output", ["train", "--data", "synthetic"], "the following arguments are required: --output"),
-    Case("train-r-not-a-number", [*TRAIN_OUT, "--r", "four"], "argument --r: invalid int value: 'four'"),
+    Case("train-r-not-a-number", [*TRAIN_OUT, "--r", "four"], "argument --r: must be a positive integer, got 'four'"),
     Case("train-unknown-combine", [*TRAIN_OUT, "--combine", "add"], "argument --combine: invalid choice: 'add'"),
     Case("unknown-command", ["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
     Case("train-limit-0", [*TRAIN_OUT, "--limit", "0"], "argument --limit: must be a positive integer, got 0"),
