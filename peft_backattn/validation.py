@@ -6,7 +6,8 @@ with the same one-line `ValueError`, naming the option: `--batch-size (batch_siz
 0.` Each field of an options dataclass holds its default, its help text, its flag (where it is not `--` + its name)
 and its check (`metadata={"help": ..., "flag": ..., "check": ...}`); `check_fields` runs the checks when the
 dataclass is built, and `add_dataclass_options` makes the command line's options from the same fields. The command
-line only reads each value as the field's type, so a value is checked once, when its dataclass is built.
+line only reads each value as the field's type: a value is checked when its dataclass is built, not by the parser
+first.
 """
 
 from __future__ import annotations

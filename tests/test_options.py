@@ -1,6 +1,6 @@
 """One place for the checks of option values (`peft_backattn.validation`) and one dataclass for each command's
-options: the command line is made from the fields, reads only types, and each value is checked once, by the same
-check that the Python API runs on the same value, with the same one-line message.
+options: the command line is made from the fields and reads only types; a value is checked when its dataclass is
+built, by the same check that the Python API runs on the same value, with the same one-line message.
 """
 
 from __future__ import annotations

@@ -107,10 +107,10 @@ class EvalOptions:
 
     def for_base(self, config: PretrainedConfig) -> EvalOptions:
         """These options with `max_length` for the base (`fit_length`): given, it is refused beyond the base's
-        positions; None becomes MAX_LENGTH tokens, or the base's positions where it takes fewer (said in one line)."""
-        return replace(
-            self, max_length=fit_length(config, self.max_length, MAX_LENGTH, option_name(EvalOptions, "max_length"))
-        )
+        positions (and the options come back as they are); None becomes MAX_LENGTH tokens, or the base's positions
+        where it takes fewer (said in one line)."""
+        max_length = fit_length(config, self.max_length, MAX_LENGTH, option_name(EvalOptions, "max_length"))
+        return self if max_length == self.max_length else replace(self, max_length=max_length)
 
 
 @dataclass

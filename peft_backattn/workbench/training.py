@@ -212,9 +212,10 @@ class TrainingOptions:
 
     def for_base(self, config: PretrainedConfig, say: bool = True) -> TrainingOptions:
         """These options with `max_length` for the base (`fit_length`): given, it is refused beyond the base's
-        positions; None becomes MAX_LENGTH tokens, or the base's positions where it takes fewer (`say` says so)."""
+        positions (and the options come back as they are); None becomes MAX_LENGTH tokens, or the base's positions
+        where it takes fewer (`say` says so)."""
         max_length = fit_length(config, self.max_length, MAX_LENGTH, option_name(TrainingOptions, "max_length"), say)
-        return replace(self, max_length=max_length)
+        return self if max_length == self.max_length else replace(self, max_length=max_length)
 
     def training_arguments(self, batch_size: int | None = None) -> TrainingArguments:
         """The Trainer's arguments for these options (head-only training on a frozen base, no reporting).
