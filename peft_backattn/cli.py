@@ -9,42 +9,35 @@ without a traceback. Options are checked before anything is loaded or written.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
-import math
 import os
 import sys
-import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, NoReturn
+from typing import NoReturn, TypeVar
 
 import datasets
-import torch
 import transformers
-from peft import PeftConfig
 from transformers import set_seed
 
 from . import __version__
 from . import lm_eval as harness
 from .config import BackAttnConfig
-from .layer import BASE_ADAPTER_NAME
 from .model_card import record_card_details
 from .serve import SERVE_EXAMPLES, SERVE_HELP, add_serve_options, run_serve_command
+from .validation import add_dataclass_options, given_options
 from .vllm.command import VLLM_SERVE_EXAMPLES, VLLM_SERVE_HELP, vllm_serve
-from .workbench.base_models import EMBEDDED_DEFAULT, check_positions, load_base_config, load_base_model
-from .workbench.data import describe_source, load_problems, stream_examples
-from .workbench.demo import EVAL_MINUTES, TRAIN_MINUTES, run_demo
+from .workbench.base_models import ModelOptions
+from .workbench.data import DataOptions
+from .workbench.demo import DemoOptions, run_demo
 from .workbench.evaluation import (
-    BASE_NAME,
-    check_generation_length,
-    evaluate,
-    evaluate_heads,
+    EvalOptions,
+    GenerateOptions,
+    evaluate_base_and_heads,
     format_table,
-    generate_solutions,
+    generate_answers,
     head_names,
-    load_heads,
     write_json,
 )
 from .workbench.features import check_feature_folder
@@ -95,90 +88,11 @@ EXAMPLES = {
 _USER_ERRORS = (ValueError, FileNotFoundError, RuntimeError, OSError)
 
 
-def _number(text: str, kind: Callable[[str], int | float], test: Callable[[Any], bool], expected: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
-    if not test(value):
-        raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
-    return value
-
-
-def positive_int(text: str) -> int:
-    return _number(text, int, lambda v: v > 0, "a positive integer")
-
-
-def non_negative_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
-
-
-def seed_int(text: str) -> int:
-    return _number(text, int, lambda v: 0 <= v < 2**32, "an integer from 0 to 2**32 - 1")
-
-
-def positive_float(text: str) -> float:
-    return _number(text, float, lambda v: math.isfinite(v) and v > 0, "a positive finite number")
-
-
-def non_negative_float(text: str) -> float:
-    return _number(text, float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
-
-
 class _Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line on stderr, like every other error of the command line."""
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def option_fields(cls: type) -> list[dataclasses.Field]:
-    """The fields of a dataclass that are command-line options: those with help text and a flag that is not None.
-
-    For `BackAttnConfig` only the fields it defines itself count; those inherited from PEFT's `PeftConfig` are
-    bookkeeping (peft_type, revision, ...), not settings of the head.
-    """
-    inherited = {f.name for f in dataclasses.fields(PeftConfig)} if issubclass(cls, PeftConfig) else set()
-    return [
-        f
-        for f in dataclasses.fields(cls)
-        if f.name not in inherited and "help" in f.metadata and f.metadata.get("flag", "") is not None
-    ]
-
-
-def add_dataclass_options(group: argparse._ActionsContainer, cls: type) -> None:
-    """One option per field of `cls`, from the field's type, default and help text: the one source of each option.
-
-    An option that is not given leaves no attribute behind (argparse.SUPPRESS), so `given_options` passes only what
-    the user typed and the dataclass's own defaults apply.
-    """
-    hints = typing.get_type_hints(cls)
-    for spec in option_fields(cls):
-        kind = hints[spec.name]
-        if type(None) in typing.get_args(kind):  # `X | None` -> X
-            kind = next(arg for arg in typing.get_args(kind) if arg is not type(None))
-        required = spec.default is dataclasses.MISSING
-        negated = kind is bool and spec.default is True
-        flag = spec.metadata.get("flag") or ("--no-" if negated else "--") + spec.name.replace("_", "-")
-        help_text = spec.metadata["help"]
-        if negated:
-            help_text += f" (on by default; {flag} turns it off)"
-        elif not (required or kind is bool):
-            help_text += f" (default: {spec.default})"
-        kwargs: dict[str, Any] = {"dest": spec.name, "help": help_text, "default": argparse.SUPPRESS}
-        if kind is bool:
-            kwargs["action"] = "store_false" if negated else "store_true"
-        else:
-            choices = spec.metadata.get("choices")
-            if typing.get_origin(kind) is Literal:
-                choices, kind = typing.get_args(kind), str
-            kwargs.update(type=kind, choices=choices, required=required)
-        group.add_argument(flag, **kwargs)
-
-
-def given_options(cls: type, args: argparse.Namespace) -> dict[str, Any]:
-    """The options of `cls` that were given on the command line, as keyword arguments for `cls`."""
-    return {spec.name: getattr(args, spec.name) for spec in option_fields(cls) if hasattr(args, spec.name)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,94 +112,33 @@ def build_parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )
 
-    def model_options(sub: argparse.ArgumentParser) -> None:
-        sub.add_argument(
-            "--model",
-            default=EMBEDDED_DEFAULT,
-            help=f"base model: a hub name, a local folder, or {EMBEDDED_DEFAULT!r} (default; needs no hub access)",
+    def options(sub: argparse.ArgumentParser, title: str, cls: type, **kwargs) -> None:
+        add_dataclass_options(
+            sub.add_argument_group(f"{title} ({cls.__name__} fields, see docs/api.md)"), cls, **kwargs
         )
-        sub.add_argument("--load-in-4bit", action="store_true", help="quantise the base to bitsandbytes nf4")
-
-    def data_options(sub: argparse.ArgumentParser, split: str, seed: bool = True) -> None:
-        sub.add_argument(
-            "--data",
-            required=True,
-            help="'synthetic' (embedded word-problem generator), a .jsonl/.json/.parquet file, or a hub dataset",
-        )
-        sub.add_argument(
-            "--fields",
-            help="field mapping 'problem=COL,solution=COL[,answer=COL]', or a schema name: "
-            "openmathinstruct2, gsm8k, math500 (default: detected from the columns)",
-        )
-        sub.add_argument("--split", default=split, help=f"split of a hub dataset or of 'synthetic' (default {split})")
-        sub.add_argument(
-            "--subset", help="configuration of a hub dataset that has several, e.g. 'main' for openai/gsm8k"
-        )
-        sub.add_argument(
-            "--limit", type=positive_int, help="use the first N examples (synthetic: generate N; default 1000)"
-        )
-        if seed:
-            sub.add_argument("--seed", type=seed_int, default=0, help="seed of the generator and of shuffling")
 
     train = command("train", "Fine-tune a head on math problems with the HF Trainer; saves only the head.")
-    model_options(train)
-    data_options(train, split="train", seed=False)  # --seed comes with the training options
-    train.add_argument(
-        "--streaming", action="store_true",
-        help="read a local file or hub dataset lazily as training consumes it (needs --steps)",
-    )  # fmt: skip
-    add_dataclass_options(
-        train.add_argument_group("training (TrainingOptions fields, see docs/api.md)"), TrainingOptions
-    )
-    add_dataclass_options(train.add_argument_group("head (BackAttnConfig fields, see docs/api.md)"), BackAttnConfig)
+    options(train, "base", ModelOptions)
+    options(train, "data", DataOptions)
+    options(train, "training", TrainingOptions)
+    options(train, "head", BackAttnConfig)
 
     evaluate = command("eval", "Evaluate the base and heads: perplexity, exact match, MSE/RMSE, token P/R/F1.")
-    model_options(evaluate)
-    data_options(evaluate, split="test")
-    evaluate.add_argument("--heads", nargs="*", default=[], help="head folders to evaluate (named after them)")
-    evaluate.add_argument("--no-base", action="store_true", help="do not evaluate the base without a head")
-    evaluate.add_argument(
-        "--generation-limit",
-        type=non_negative_int,
-        help="score generations on the first N problems only; 0: no generation, perplexity only (default: all)",
-    )
-    evaluate.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens generated per problem")
-    evaluate.add_argument("--batch-size", type=positive_int, default=8, help="problems per batch")
-    evaluate.add_argument("--max-length", type=positive_int, default=512, help="tokens per example for perplexity")
-    evaluate.add_argument("--output", help="write the metrics to this JSON file")
+    options(evaluate, "base", ModelOptions)
+    options(evaluate, "data", DataOptions, defaults={"split": "test"}, leave_out={"streaming"})
+    options(evaluate, "evaluation", EvalOptions)
 
     generate = command("generate", "Answer a problem with one or several heads, side by side.")
-    model_options(generate)
-    generate.add_argument("--heads", nargs="*", default=[], help="head folders to answer with")
-    generate.add_argument("--base", action="store_true", help="also answer with the base alone")
-    generate.add_argument("--problem", required=True, help="the problem text")
-    generate.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens to generate")
-    generate.add_argument(
-        "--temperature", type=non_negative_float, help="sample at this temperature; 0 means greedy (default: greedy)"
-    )
-    generate.add_argument(
-        "--top-k", type=positive_int, help="sample from the k most likely tokens (at temperature 1 unless given)"
-    )
-    generate.add_argument("--seed", type=seed_int, default=0, help="sampling seed")
+    options(generate, "base", ModelOptions)
+    options(generate, "generation", GenerateOptions)
 
     demo = command("demo", "The main job on the embedded defaults: train, evaluate, save, reload, swap heads.")
-    demo.add_argument("--output-dir", default="runs/demo", help="where the heads and demo_results.json go")
-    demo.add_argument("--model", default=EMBEDDED_DEFAULT, help="base model (default: the embedded SmolLM2)")
-    demo.add_argument(
-        "--train-minutes", type=positive_float, default=TRAIN_MINUTES, help="training time of the math head"
-    )
-    demo.add_argument(
-        "--eval-minutes", type=non_negative_float, default=EVAL_MINUTES,
-        help=f"time budget of the evaluation of base and head (default {EVAL_MINUTES:g}); it says what was cut",
-    )  # fmt: skip
-    demo.add_argument("--seed", type=seed_int, default=0, help="seed of data, head init and shuffling")
+    options(demo, "demo", DemoOptions)
     add_serve_options(command("serve", SERVE_HELP))
     command("vllm-serve", VLLM_SERVE_HELP)  # listed here; its arguments are vllm serve's, handled in main()
     command(
         "lm-eval", "Score heads with lm-evaluation-harness: its own arguments, with the backattn method registered."
     )
-    for sub in (evaluate, generate, demo):
-        sub.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     return parser
 
 
@@ -351,9 +204,17 @@ def quiet_notices() -> None:
         logging.getLogger(name).addFilter(record_filter)  # adding the same filter twice keeps one
 
 
+Options = TypeVar("Options")
+
+
+def _options(cls: type[Options], args: argparse.Namespace) -> Options:
+    """The options dataclass `cls` built from what was given on the command line (it checks its values)."""
+    return cls(**given_options(cls, args))
+
+
 def _train(args: argparse.Namespace) -> int:
-    options = TrainingOptions(**given_options(TrainingOptions, args))
-    config = BackAttnConfig(**given_options(BackAttnConfig, args))
+    base_model, data = _options(ModelOptions, args), _options(DataOptions, args)
+    options, config = _options(TrainingOptions, args), _options(BackAttnConfig, args)
     output = Path(options.output_dir)
     if output.exists() and not output.is_dir():
         raise ValueError(f"--output {output} is a file; pass a folder for the head and its checkpoints.")
@@ -361,14 +222,13 @@ def _train(args: argparse.Namespace) -> int:
     if options.feature_cache is not None:
         check_feature_folder(options.feature_cache, output)
         check_writable(options.feature_cache, "--feature-cache")
-    check_streaming(options, streamed=args.streaming)
-    check_positions(load_base_config(args.model), options.max_length, "--max-length (max_length)")
-    source = {"fields": args.fields, "split": args.split, "limit": args.limit, "subset": args.subset}
-    examples = stream_examples(args.data, **source) if args.streaming else _load_data(args, seed=options.seed)
-    base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
+    check_streaming(options, streamed=data.streaming)
+    options = options.for_base(base_model.load_config(), say=_is_main_process())
+    examples = data.examples(seed=options.seed)
+    base, tokenizer = base_model.load()
     set_seed(options.seed)  # the head's initial weights
     model = attach_head(base, config)
-    record_card_details(model, training_data=describe_source(args.data, streaming=args.streaming, **source))
+    record_card_details(model, training_data=data.describe())
     report = train_head(model, tokenizer, examples, options)
     if _is_main_process():
         print(
@@ -388,96 +248,50 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    if args.no_base and not args.heads:
-        raise ValueError("Nothing to evaluate: --no-base without --heads.")
-    if args.output and Path(args.output).is_dir():
-        raise ValueError(f"--output {args.output} is a folder; pass a JSON file name for the metrics.")
-    if args.output:
-        check_writable(args.output, "--output", file=True)
-    head_names(args.heads)  # each folder holds a head, checked before anything is loaded
-    check_positions(load_base_config(args.model), args.max_length, "--max-length")
-    examples = _load_data(args, seed=args.seed)
-    base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
-    scored = examples if args.generation_limit is None else examples[: args.generation_limit]
-    check_generation_length(base.config, tokenizer, [e.problem for e in scored], args.max_new_tokens)
-    settings = dict(
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        max_length=args.max_length,
-        generation_limit=args.generation_limit,
-        progress=not args.no_progress,
-    )
-    if args.heads:
-        model, names = load_heads(base, args.heads)
-        results = evaluate_heads(model, tokenizer, examples, ([] if args.no_base else [BASE_NAME]) + names, **settings)
-    else:
-        results = {BASE_NAME: evaluate(base, tokenizer, examples, **settings)}
+    base_model, data, options = _options(ModelOptions, args), _options(DataOptions, args), _options(EvalOptions, args)
+    if options.output and Path(options.output).is_dir():
+        raise ValueError(f"--output {options.output} is a folder; pass a JSON file name for the metrics.")
+    if options.output:
+        check_writable(options.output, "--output", file=True)
+    head_names(options.heads)  # each folder holds a head, checked before anything is loaded
+    options = options.for_base(base_model.load_config())
+    examples = data.examples(seed=options.seed)
+    base, tokenizer = base_model.load()
+    results = evaluate_base_and_heads(base, tokenizer, examples, options)
     print(format_table(results))
     cut = next(iter(results.values())).truncated
     if cut:
         print(
-            f"{cut} of {len(examples)} examples were cut to --max-length {args.max_length} tokens for the perplexity"
+            f"{cut} of {len(examples)} examples were cut to --max-length {options.max_length} tokens for the "
+            "perplexity"
         )
-    if args.generation_limit == 0:
+    if options.generation_limit == 0:
         print("No generation (--generation-limit 0): exact match, RMSE and token P/R/F1 were not measured")
-    if args.output:
+    if options.output:
         payload = {
-            "model": args.model,
-            "data": args.data,
-            "split": args.split,
+            "model": base_model.model,
+            "data": data.source,
+            "split": data.split,
             "results": {name: result.to_dict() for name, result in results.items()},
         }
-        with writing(args.output):
-            write_json(args.output, payload)
-        print(f"Metrics written to {args.output}")
+        with writing(options.output):
+            write_json(options.output, payload)
+        print(f"Metrics written to {options.output}")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    if not args.heads and not args.base:
-        args.base = True
-    if not args.problem.strip():
-        raise ValueError("--problem is empty; pass the text of a problem.")
-    head_names(args.heads)
-    base, tokenizer = load_base_model(args.model, load_in_4bit=args.load_in_4bit)
-    check_generation_length(base.config, tokenizer, [args.problem], args.max_new_tokens)
-    sampling = {}
-    if args.temperature != 0 and (args.temperature is not None or args.top_k is not None):
-        sampling = {"do_sample": True, "temperature": args.temperature or 1.0}
-        if args.top_k is not None:
-            sampling["top_k"] = args.top_k
-    torch.manual_seed(args.seed)
-    if args.heads:
-        model, names = load_heads(base, args.heads)
-        shown = ([BASE_NAME] if args.base else []) + names
-        adapter_names = [BASE_ADAPTER_NAME if name == BASE_NAME else name for name in shown]
-        answers = generate_solutions(
-            model, tokenizer, [args.problem] * len(shown), max_new_tokens=args.max_new_tokens,
-            adapter_names=adapter_names, progress=not args.no_progress, **sampling,
-        )  # fmt: skip
-    else:
-        shown = [BASE_NAME]
-        answers = generate_solutions(
-            base, tokenizer, [args.problem], max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-            **sampling,
-        )  # fmt: skip
-    for name, answer in zip(shown, answers, strict=True):
+    base_model, options = _options(ModelOptions, args), _options(GenerateOptions, args)
+    head_names(options.heads)
+    base, tokenizer = base_model.load()
+    for name, answer in generate_answers(base, tokenizer, options).items():
         print(f"=== {name} ===\n{answer.strip()}\n")
     return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
-    run_demo(
-        output_dir=args.output_dir, train_minutes=args.train_minutes, seed=args.seed, model_name=args.model,
-        eval_minutes=args.eval_minutes, progress=not args.no_progress,
-    )  # fmt: skip
+    run_demo(_options(DemoOptions, args))
     return 0
-
-
-def _load_data(args: argparse.Namespace, seed: int) -> list:
-    return load_problems(
-        args.data, fields=args.fields, split=args.split, limit=args.limit, seed=seed, subset=args.subset
-    )
 
 
 def _loss(value: float | None) -> str:

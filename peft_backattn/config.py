@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from peft.utils import PeftType, TaskType
 from ._base_names import published_base
 from ._files import validate_head_folder
 from ._peft_type import PEFT_TYPE_NAME
+from .validation import Check, check_fields, one_of, positive_int, positive_number, true_or_false
 
 LogitWeighting = Literal["raw", "softmax"]
 CombineMode = Literal["replace", "residual"]
@@ -42,15 +42,24 @@ class BackAttnConfig(PeftConfig):
 
     r: int = field(
         default=64,
-        metadata={"help": "Latent size of the keys, values and queries (the r of W_K, W_V: d x r, and W_Q: r x r)."},
+        metadata={
+            "help": "Latent size of the keys, values and queries (the r of W_K, W_V: d x r, and W_Q: r x r).",
+            "check": positive_int,
+        },
     )
     scaling: float | None = field(
         default=None,
-        metadata={"help": "Factor applied to the attention scores Q K^T. None means 1 / sqrt(r), as in attention."},
+        metadata={
+            "help": "Factor applied to the attention scores Q K^T. None means 1 / sqrt(r), as in attention.",
+            "check": positive_number.or_none(),
+        },
     )
     rms_norm_eps: float = field(
         default=1e-6,
-        metadata={"help": "Epsilon of the row-wise RMSNorm applied to the input-embedding matrix."},
+        metadata={
+            "help": "Epsilon of the row-wise RMSNorm applied to the input-embedding matrix.",
+            "check": positive_number,
+        },
     )
     logit_weighting: LogitWeighting = field(
         default="softmax",
@@ -59,7 +68,8 @@ class BackAttnConfig(PeftConfig):
                 "How the base logits weight the value vectors. 'raw': the logits themselves, divided by the "
                 "vocabulary size (the original design; the head is then linear in the hidden state). 'softmax': "
                 "the base model's next-token probabilities."
-            )
+            ),
+            "check": one_of(LOGIT_WEIGHTINGS),
         },
     )
     combine: CombineMode = field(
@@ -69,7 +79,8 @@ class BackAttnConfig(PeftConfig):
                 "'residual': output logits = base logits + head scores, with W_Q zero-initialised so that an "
                 "untrained head reproduces the base logits exactly. 'replace': the head's scores are the output "
                 "(the original design; starts from a near-uniform distribution)."
-            )
+            ),
+            "check": one_of(COMBINE_MODES),
         },
     )
     num_heads: int = field(
@@ -78,7 +89,8 @@ class BackAttnConfig(PeftConfig):
             "help": (
                 "Number of backward-attention heads. With more than one, the output distribution is a mixture of "
                 "the heads' softmaxes, weighted by a softmax over heads computed from each head's query."
-            )
+            ),
+            "check": positive_int,
         },
     )
     query_activation: str | None = field(
@@ -89,6 +101,7 @@ class BackAttnConfig(PeftConfig):
                 "enables the collapsed fast path and merge_and_unload() in 'raw' mode."
             ),
             "choices": tuple(QUERY_ACTIVATIONS),
+            "check": one_of(tuple(QUERY_ACTIVATIONS)).or_none(),
         },
     )
     init_weights: bool = field(
@@ -98,7 +111,8 @@ class BackAttnConfig(PeftConfig):
                 "Start W_Q at zero where combine='residual', so that an untrained head reproduces the base (like "
                 "LoRA's B = 0). False: every matrix starts random, so that an untrained head changes the output "
                 "(useful in tests)."
-            )
+            ),
+            "check": true_or_false,
         },
     )
     init_std: float = field(
@@ -109,7 +123,8 @@ class BackAttnConfig(PeftConfig):
                 "and the mixture gate). The scores Q K^T move with the square of it, so a larger start lets a "
                 "residual head learn faster at the same learning rate; 0.1 beat 0.02 at both tuned learning rates "
                 "(docs/results.md)."
-            )
+            ),
+            "check": positive_number,
         },
     )
     chunk_size: int = field(
@@ -119,7 +134,8 @@ class BackAttnConfig(PeftConfig):
                 "Number of token positions processed at once where the head has vocabulary-sized intermediates "
                 "(softmax weights: chunk_size x vocab; a mixture takes chunk_size / num_heads positions per chunk). "
                 "A raw single head has none and ignores it."
-            )
+            ),
+            "check": positive_int,
         },
     )
     head_module: str | None = field(
@@ -129,7 +145,10 @@ class BackAttnConfig(PeftConfig):
                 "Name of the output module to wrap, e.g. 'lm_head'. None: the module returned by "
                 "model.get_output_embeddings(). Filled in when the head is attached, in the model's copy of the "
                 "config (the object passed in is left as it is)."
-            )
+            ),
+            "check": Check(
+                "a module name or None", lambda value: value is None or (isinstance(value, str) and value != "")
+            ),
         },
     )
     target_modules: list[str] | None = field(
@@ -144,6 +163,7 @@ class BackAttnConfig(PeftConfig):
         metadata={
             "help": "Vocabulary size of the base the head was built for. Recorded on attach, checked on load.",
             "flag": None,
+            "check": positive_int.or_none(),
         },
     )
     base_hidden_size: int | None = field(
@@ -151,11 +171,16 @@ class BackAttnConfig(PeftConfig):
         metadata={
             "help": "Input width of the wrapped output layer. Recorded on attach, checked on load.",
             "flag": None,
+            "check": positive_int.or_none(),
         },
     )
     base_embedding_dim: int | None = field(
         default=None,
-        metadata={"help": "Width of the input-embedding matrix. Recorded on attach, checked on load.", "flag": None},
+        metadata={
+            "help": "Width of the input-embedding matrix. Recorded on attach, checked on load.",
+            "flag": None,
+            "check": positive_int.or_none(),
+        },
     )
 
     def __post_init__(self) -> None:
@@ -218,49 +243,13 @@ class BackAttnConfig(PeftConfig):
         return self.scaling if self.scaling is not None else self.r**-0.5
 
     def _validate(self) -> None:
-        def positive_int(name: str) -> None:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"BackAttnConfig.{name} must be a positive integer, got {value!r}.")
-
-        def one_of(name: str, choices: tuple, allow_none: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            if value not in choices:
-                allowed = ", ".join(repr(c) for c in choices) + (" or None" if allow_none else "")
-                raise ValueError(f"BackAttnConfig.{name} must be one of {allowed}, got {value!r}.")
-
-        def finite_positive(name: str, allow_none: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and allow_none:
-                return
-            number = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if not (number and math.isfinite(value) and value > 0):
-                allowed = " or None" if allow_none else ""
-                raise ValueError(f"BackAttnConfig.{name} must be a finite positive number{allowed}, got {value!r}.")
-
-        positive_int("r")
-        positive_int("num_heads")
-        positive_int("chunk_size")
-        one_of("logit_weighting", LOGIT_WEIGHTINGS)
-        one_of("combine", COMBINE_MODES)
-        one_of("query_activation", tuple(QUERY_ACTIVATIONS), allow_none=True)
-        finite_positive("scaling", allow_none=True)
-        finite_positive("rms_norm_eps")
-        finite_positive("init_std")
-        if not isinstance(self.init_weights, bool):
-            raise ValueError(f"BackAttnConfig.init_weights must be True or False, got {self.init_weights!r}.")
+        """Each field's check (`validation`), naming it `BackAttnConfig.<field>`; `target_modules` must stay None."""
+        check_fields(self, lambda name: f"BackAttnConfig.{name}")
         if self.target_modules is not None:
             raise ValueError(
                 "BackAttnConfig.target_modules must stay None: the head wraps one output module; "
                 "name it with head_module='lm_head' instead."
             )
-        if self.head_module is not None and not (isinstance(self.head_module, str) and self.head_module):
-            raise ValueError(f"BackAttnConfig.head_module must be a module name or None, got {self.head_module!r}.")
-        for name in ("base_vocab_size", "base_hidden_size", "base_embedding_dim"):
-            if getattr(self, name) is not None:
-                positive_int(name)
 
 
 class UnknownPeftTypeError(ValueError, KeyError):

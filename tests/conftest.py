@@ -183,13 +183,14 @@ def build_tokenizer(chat: bool = False, pad: bool = True) -> PreTrainedTokenizer
     return tokenizer
 
 
-def save_tiny_lm(directory: Path, chat: bool = True, hidden: int = 32, seed: int = 0) -> Path:
-    """A tiny Llama whose vocabulary is the in-process tokenizer's, saved with it: a `--model` folder."""
+def save_tiny_lm(directory: Path, chat: bool = True, hidden: int = 32, seed: int = 0, positions: int = 512) -> Path:
+    """A tiny Llama whose vocabulary is the in-process tokenizer's, saved with it: a `--model` folder that takes
+    `positions` tokens."""
     tokenizer = build_tokenizer(chat=chat)
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512, tie_word_embeddings=True,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=positions, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(directory)

@@ -26,7 +26,7 @@ from safetensors import SafetensorError
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from peft_backattn.cli import main
-from peft_backattn.workbench.demo import run_demo
+from peft_backattn.workbench.demo import DemoOptions
 from peft_backattn.workbench.training import TrainingOptions
 
 GSM8K_ROW = {"question": "Tom has 3 boxes of 12 pens. How many pens?", "answer": "3 * 12 = 36\n#### 36"}
@@ -138,28 +138,39 @@ class Case:
 
 
 CASES = [
-    # usage errors: argparse, one line from _Parser.error
+    # usage errors: argparse, one line from _Parser.error (a number that is no number, in its option's words)
     Case("train-without-output", ["train", "--data", "synthetic"], "the following arguments are required: --output"),
-    Case("train-r-not-a-number", [*TRAIN_OUT, "--r", "four"], "argument --r: invalid int value: 'four'"),
+    Case("train-r-not-a-number", [*TRAIN_OUT, "--r", "four"], "argument --r: must be a positive integer, got 'four'"),
     Case("train-unknown-combine", [*TRAIN_OUT, "--combine", "add"], "argument --combine: invalid choice: 'add'"),
     Case("unknown-command", ["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
-    Case("train-limit-0", [*TRAIN_OUT, "--limit", "0"], "argument --limit: must be a positive integer, got 0"),
-    Case("eval-batch-size-0", [*EVAL, "--batch-size", "0"], "argument --batch-size: must be a positive integer"),
-    Case("eval-batch-size-word", [*EVAL, "--batch-size", "eight"], "must be a positive integer, got 'eight'"),
+    Case("eval-batch-size-word", [*EVAL, "--batch-size", "eight"],
+         "argument --batch-size: must be a positive integer, got 'eight'"),
+    Case("train-batch-size-word", [*TRAIN_OUT, "--batch-size", "8.5"],
+         "argument --batch-size: must be a positive integer, got '8.5'"),
+    # every command's options: their dataclasses' checks (`validation`), before anything is loaded
+    Case("train-limit-0", [*TRAIN_OUT, "--limit", "0"],
+         "--limit (limit) must be a positive number of examples or None, got 0."),
+    Case("eval-batch-size-0", [*EVAL, "--batch-size", "0"],
+         "--batch-size (batch_size) must be a positive integer, got 0."),
     Case("eval-generation-limit-negative", [*EVAL, "--generation-limit", "-1"],
-         "argument --generation-limit: must be an integer >= 0, got -1"),
-    Case("eval-max-new-tokens-0", [*EVAL, "--max-new-tokens", "0"], "argument --max-new-tokens: must be a positive"),
-    Case("eval-max-length-0", [*EVAL, "--max-length", "0"], "argument --max-length: must be a positive integer"),
-    Case("eval-seed-negative", [*EVAL, "--seed", "-1"], "argument --seed: must be an integer from 0 to 2**32 - 1"),
+         "--generation-limit (generation_limit) must be an integer >= 0 (0: no generation) or None, got -1."),
+    Case("eval-max-new-tokens-0", [*EVAL, "--max-new-tokens", "0"],
+         "--max-new-tokens (max_new_tokens) must be a positive"),
+    Case("eval-max-length-0", [*EVAL, "--max-length", "0"], "--max-length (max_length) must be a positive integer"),
+    Case("eval-seed-negative", [*EVAL, "--seed", "-1"],
+         "--seed (seed) must be an integer from 0 to 2**32 - 1, got -1."),
     Case("generate-temperature-negative", [*GENERATE, "--temperature", "-1"],
-         "argument --temperature: must be a finite number >= 0, got -1"),
-    Case("generate-temperature-nan", [*GENERATE, "--temperature", "nan"], "must be a finite number >= 0, got nan"),
-    Case("generate-top-k-0", [*GENERATE, "--top-k", "0"], "argument --top-k: must be a positive integer, got 0"),
-    Case("generate-max-new-tokens-0", [*GENERATE, "--max-new-tokens", "0"], "argument --max-new-tokens: must be"),
+         "--temperature (temperature) must be a finite number >= 0 or None, got -1.0."),
+    Case("generate-temperature-nan", [*GENERATE, "--temperature", "nan"],
+         "must be a finite number >= 0 or None, got nan"),
+    Case("generate-top-k-0", [*GENERATE, "--top-k", "0"],
+         "--top-k (top_k) must be a positive integer or None, got 0."),
+    Case("generate-max-new-tokens-0", [*GENERATE, "--max-new-tokens", "0"], "--max-new-tokens (max_new_tokens) must"),
     Case("demo-train-minutes-negative", [*DEMO, "--train-minutes", "-1"],
-         "argument --train-minutes: must be a positive finite number, got -1"),
-    Case("demo-train-minutes-0", [*DEMO, "--train-minutes", "0"], "must be a positive finite number, got 0"),
-    Case("demo-train-minutes-inf", [*DEMO, "--train-minutes", "inf"], "must be a positive finite number, got inf"),
+         "--train-minutes (train_minutes) must be a finite positive number, got -1.0."),
+    Case("demo-train-minutes-0", [*DEMO, "--train-minutes", "0"], "must be a finite positive number, got 0.0"),
+    Case("demo-train-minutes-inf", [*DEMO, "--train-minutes", "inf"], "must be a finite positive number, got inf"),
+    Case("demo-lr-0", [*DEMO, "--lr", "0"], "--lr (learning_rate) must be a finite positive number, got 0.0."),
     # training options: TrainingOptions.__post_init__, before the model is loaded
     Case("train-grad-accum-0", [*TRAIN_OUT, "--grad-accum", "0"],
          "--grad-accum (gradient_accumulation_steps) must be a positive integer, got 0."),
@@ -171,7 +182,7 @@ CASES = [
          "--time-budget (time_budget_seconds) must be a positive number of seconds"),
     Case("train-save-steps-0", [*TRAIN_OUT, "--save-steps", "0"], "--save-steps (save_steps) must be a positive"),
     Case("train-batch-size-0", [*TRAIN_OUT, "--batch-size", "0"], "--batch-size (batch_size) must be a positive"),
-    Case("train-lr-0", [*TRAIN_OUT, "--lr", "0"], "--lr (learning_rate) must be a positive finite number, got 0.0"),
+    Case("train-lr-0", [*TRAIN_OUT, "--lr", "0"], "--lr (learning_rate) must be a finite positive number, got 0.0"),
     Case("train-warmup-ratio-1", [*TRAIN_OUT, "--warmup-ratio", "1"], "--warmup-ratio (warmup_ratio) must be"),
     Case("train-max-grad-norm-inf", [*TRAIN_OUT, "--max-grad-norm", "inf"], "--max-grad-norm (max_grad_norm) must be"),
     Case("train-max-length-0", [*TRAIN_OUT, "--max-length", "0"], "--max-length (max_length) must be a positive"),
@@ -187,7 +198,7 @@ CASES = [
     Case("train-max-length-beyond-learned-positions", [*TRAIN_OUT, "--model", "{gpt2}", "--max-length", "100"],
          "--max-length (max_length) is 100 tokens, beyond the 64 positions the base takes"),
     Case("eval-max-length-beyond-positions", [*EVAL, "--model", "{gpt2}", "--max-length", "100"],
-         "--max-length is 100 tokens, beyond the 64 positions"),
+         "--max-length (max_length) is 100 tokens, beyond the 64 positions"),
     Case("eval-generation-beyond-positions", [*EVAL, "--model", "{gpt2}", "--max-length", "64",
                                              "--max-new-tokens", "60"],
          ("prompt (", "plus --max-new-tokens (max_new_tokens) 60", "beyond the 64 positions")),
@@ -327,7 +338,7 @@ def test_the_table_is_large_and_its_ids_unique():
         ({"save_steps": 0}, "--save-steps (save_steps) must be a positive integer, got 0."),
         ({"batch_size": 2.5}, "--batch-size (batch_size) must be a positive integer, got 2.5."),
         ({"batch_size": True}, "--batch-size (batch_size) must be a positive integer, got True."),
-        ({"learning_rate": -1e-3}, "--lr (learning_rate) must be a positive finite number"),
+        ({"learning_rate": -1e-3}, "--lr (learning_rate) must be a finite positive number"),
         ({"weight_decay": -0.1}, "--weight-decay (weight_decay) must be a finite number >= 0"),
         ({"warmup_ratio": 5}, "--warmup-ratio (warmup_ratio) must be a fraction of the steps"),
         ({"max_grad_norm": math.nan}, "--max-grad-norm (max_grad_norm)"),
@@ -351,15 +362,20 @@ def test_training_options_refuse_bad_values_naming_option_and_field(values, mess
 @pytest.mark.parametrize(
     "values, message",
     [
-        ({"train_minutes": 0}, "--train-minutes (train_minutes) must be a positive number, got 0"),
-        ({"train_minutes": math.nan}, "--train-minutes (train_minutes) must be a positive number, got nan"),
-        ({"seed": -1}, "--seed (seed) must be an integer from 0 to 2**32 - 1, got -1"),
+        ({"train_minutes": 0}, "--train-minutes (train_minutes) must be a finite positive number, got 0."),
+        ({"train_minutes": math.nan}, "--train-minutes (train_minutes) must be a finite positive number, got nan."),
+        ({"eval_minutes": -1}, "--eval-minutes (eval_minutes) must be a finite number >= 0, got -1."),
+        ({"learning_rate": math.inf}, "--lr (learning_rate) must be a finite positive number, got inf."),
+        ({"seed": -1}, "--seed (seed) must be an integer from 0 to 2**32 - 1, got -1."),
+        ({"output_dir": ""}, "--output-dir (output_dir) must be a folder, got ''."),
     ],
 )
-def test_run_demo_refuses_bad_options_before_loading(tmp_path, values, message):
+def test_demo_options_refuse_bad_values_before_the_demo_starts(tmp_path, values, message):
+    """`run_demo` takes DemoOptions, which refuse a bad value when they are built (0 minutes would train without a
+    time budget, for 10,000 steps)."""
     with pytest.raises(ValueError) as error:
-        run_demo(output_dir=str(tmp_path / "demo"), model_name=str(tmp_path / "never-loaded"), **values)
-    assert message in str(error.value)
+        DemoOptions(**{"output_dir": str(tmp_path / "demo"), "model": str(tmp_path / "never-loaded"), **values})
+    assert str(error.value) == message
     assert not (tmp_path / "demo").exists()
 
 

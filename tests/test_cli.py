@@ -123,6 +123,36 @@ def test_generate_at_temperature_zero_is_greedy(tiny_lm_dir, trained, capsys):
     assert answers[0] == answers[1] == answers[2]
 
 
+@pytest.fixture(scope="module")
+def short_lm_dir(tmp_path_factory) -> Path:
+    """A tiny base that takes 128 positions: fewer than the default --max-length of train (256) and eval (512)."""
+    return save_tiny_lm(tmp_path_factory.mktemp("short_lm") / "model", positions=128)
+
+
+@pytest.mark.parametrize("command, default", [("train", 256), ("eval", 512)])
+def test_a_default_max_length_fits_a_base_with_fewer_positions(short_lm_dir, tmp_path, capsys, command, default):
+    """Without --max-length, train and eval use the 128 positions the base takes and say so in one line; a
+    --max-length given beyond them is refused as before, in one line, before anything is loaded or written."""
+    if command == "train":
+        options = ["--data", "synthetic", "--limit", "8", "--batch-size", "4", "--steps", "1", "--no-progress"]
+        first, second = [*options, "--output", tmp_path / "head"], [*options, "--output", tmp_path / "other"]
+    else:
+        options = ["--data", "synthetic", "--limit", "2", "--generation-limit", "0", "--no-progress"]
+        first, second = [*options, "--output", tmp_path / "m.json"], [*options, "--output", tmp_path / "n.json"]
+    assert run_cli(command, "--model", short_lm_dir, *first) == 0
+    out = capsys.readouterr().out
+    notice = f"--max-length (max_length) not given: 128 tokens, the positions the base takes (the default, {default}"
+    assert [line for line in out.splitlines() if "not given" in line] == [f"{notice}, is beyond them)"]
+    if command == "train":
+        assert "| max length (tokens) | 128 |" in (tmp_path / "head" / "README.md").read_text()
+    else:
+        assert json.loads((tmp_path / "m.json").read_text())["results"]["base"]["perplexity"] > 1
+
+    assert run_cli(command, "--model", short_lm_dir, *second, "--max-length", "256") == 2
+    assert_clean_error(capsys, "--max-length (max_length) is 256 tokens, beyond the 128 positions the base takes")
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["head"] if command == "train" else ["m.json"])
+
+
 def test_eval_generation_limit_zero_skips_generation(tiny_lm_dir, tmp_path, capsys):
     output = tmp_path / "results.json"
     code = run_cli(
@@ -160,6 +190,8 @@ def test_demo_runs_end_to_end_on_a_small_base(tiny_lm_dir, tmp_path, monkeypatch
     for picture in pictures:
         assert png_size(picture)[0] > 0
     assert f"Pictures: {pictures[0]}, {pictures[1]}" in out
+    for head in ("math_head", "short_head"):  # DemoOptions.learning_rate, the rate the documented numbers had
+        assert "| learning rate (AdamW) | 0.002 |" in (tmp_path / head / "README.md").read_text()
 
 
 def test_demo_without_matplotlib_says_how_to_get_the_pictures(tiny_lm_dir, tmp_path, monkeypatch, capsys):
@@ -170,10 +202,12 @@ def test_demo_without_matplotlib_says_how_to_get_the_pictures(tiny_lm_dir, tmp_p
                         ("MAX_NEW_TOKENS", 2), ("SECOND_HEAD_MINUTES", 0.01)]:  # fmt: skip
         monkeypatch.setattr(demo, name, value)
     code = run_cli(
-        "demo", "--model", tiny_lm_dir, "--output-dir", tmp_path, "--train-minutes", "0.01", "--no-progress"
-    )
+        "demo", "--model", tiny_lm_dir, "--output-dir", tmp_path, "--train-minutes", "0.01", "--no-progress",
+        "--lr", "0.005",
+    )  # fmt: skip
     assert code == 0
     assert 'pip install "peft-backattn[plots]"' in capsys.readouterr().out
+    assert "| learning rate (AdamW) | 0.005 |" in (tmp_path / "math_head" / "README.md").read_text()
     assert not list(tmp_path.glob("*.png"))
     assert json.loads((tmp_path / "demo_results.json").read_text())["pictures"] == []
 

@@ -298,7 +298,8 @@ def test_a_damaged_parquet_file_is_refused_naming_it(tmp_path):
 
 @pytest.mark.parametrize("limit", [0, -3])
 def test_synthetic_limit_must_be_positive(limit):
-    with pytest.raises(ValueError, match=f"--limit \\(limit\\) must be a positive number of examples, got {limit}"):
+    expected = f"--limit \\(limit\\) must be a positive number of examples or None, got {limit}"
+    with pytest.raises(ValueError, match=expected):
         load_problems("synthetic", limit=limit)
 
 

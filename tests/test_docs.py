@@ -23,7 +23,8 @@ from peft import PeftConfig
 
 import peft_backattn
 from peft_backattn import BackAttnConfig
-from peft_backattn.cli import build_parser, option_fields
+from peft_backattn.cli import build_parser
+from peft_backattn.validation import option_fields
 from peft_backattn.workbench.training import TrainingOptions
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -247,7 +247,7 @@ def test_help_writes_nothing_on_stderr():
     "args, message",
     [
         (["train", "--data", "synthetic"], "the following arguments are required: --output"),
-        (["train", "--data", "synthetic", "--output", "x", "--r", "four"], "argument --r: invalid int value: 'four'"),
+        (["train", "--data", "synthetic", "--output", "x", "--r", "four"], "argument --r: must be a positive integer"),
         (["train", "--data", "synthetic", "--output", "x", "--combine", "add"], "argument --combine: invalid choice"),
         (["frobnicate"], "argument COMMAND: invalid choice: 'frobnicate'"),
     ],

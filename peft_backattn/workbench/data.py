@@ -15,7 +15,7 @@ import os
 import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow
@@ -24,6 +24,7 @@ import torch
 from datasets import Dataset, Features, IterableDataset, Value, load_dataset
 from datasets.exceptions import DatasetGenerationError
 
+from ..validation import check_fields, check_option, positive_int, true_or_false
 from .problems import SCHEMAS, FieldMapping, MathExample, parse_field_mapping
 from .synthetic import generate_examples
 
@@ -42,6 +43,7 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}  # file e
 _BUILDER_LOGGERS = ("datasets.packaged_modules.json.json", "datasets.packaged_modules.parquet.parquet")
 _PLAIN_PROMPT = "Question: {problem}\nAnswer:"  # for tokenizers without a chat template
 _FIELDS_HINT = "--fields problem=...,solution=...,answer=..."
+LIMIT = positive_int.or_none("a positive number of examples or None")  # rows to read; None: all
 
 
 def _field(row: Mapping[str, Any], name: str) -> str:
@@ -219,8 +221,7 @@ def load_examples(
     datasets only. Hub datasets stream by default, so that taking the first rows
     of a split with millions of them (OpenMathInstruct-2) never downloads the whole split.
     """
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive number of examples or None, got {limit!r}")
+    LIMIT(limit, "limit")
     dataset = _open_rows(source, split, streaming, subset)
     rows = iter(dataset)
     columns = dataset.column_names
@@ -265,8 +266,7 @@ def stream_examples(
     """
     if source == SYNTHETIC_SOURCE:
         raise ValueError("--streaming reads a local file or a hub dataset; the synthetic generator is not streamed")
-    if limit is not None and (not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"limit must be a positive number of examples or None, got {limit!r}")
+    LIMIT(limit, "limit")
     dataset = _open_rows(source, split, True, subset)
     columns = dataset.column_names
     if columns is None:  # a streamed dataset may learn its columns only from its first row
@@ -308,8 +308,7 @@ def load_problems(
 
     This is what the command line's `--data` takes: 'synthetic', a local file or a hub dataset name.
     """
-    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-        raise ValueError(f"--limit (limit) must be a positive number of examples, got {limit!r}")
+    check_option(DataOptions, "limit", limit)  # before `limit or 1000` reads 0 as the default
     if source == SYNTHETIC_SOURCE:
         return generate_examples(limit or 1000, split=split, seed=seed)
     return load_examples(source, fields=fields, split=split, limit=limit, subset=subset)
@@ -337,6 +336,59 @@ def describe_source(
         where = f"`{source}` (split {split})"
     rows = f"the first {limit} rows" if limit else "all rows"
     return f"{where}, {rows}{', streamed' if streaming else ''}; fields: {fields or 'detected'}"
+
+
+@dataclass
+class DataOptions:
+    """Where a command's problems come from: the data options of `train` and `eval`, read by `examples()`."""
+
+    source: str = field(
+        metadata={
+            "help": "'synthetic' (embedded word-problem generator), a .jsonl/.json/.parquet file, or a hub dataset",
+            "flag": "--data",
+        }
+    )
+    fields: str | None = field(
+        default=None,
+        metadata={
+            "help": "field mapping 'problem=COL,solution=COL[,answer=COL]', or a schema name: openmathinstruct2, "
+            "gsm8k, math500 (default: detected from the columns)"
+        },
+    )
+    split: str = field(default="train", metadata={"help": "split of a hub dataset or of 'synthetic'"})
+    subset: str | None = field(
+        default=None,
+        metadata={"help": "configuration of a hub dataset that has several, e.g. 'main' for openai/gsm8k"},
+    )
+    limit: int | None = field(
+        default=None,
+        metadata={"help": "use the first N examples (synthetic: generate N; default 1000)", "check": LIMIT},
+    )
+    streaming: bool = field(
+        default=False,
+        metadata={
+            "help": "read a local file or hub dataset lazily as training consumes it (needs --steps)",
+            "check": true_or_false,
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def examples(self, seed: int = 0) -> list[MathExample] | IterableDataset:
+        """The problems: read as `load_problems` reads them (synthetic ones drawn from `seed`), or with `streaming` a
+        streamed data set (`stream_examples`)."""
+        source = {"fields": self.fields, "split": self.split, "limit": self.limit, "subset": self.subset}
+        if self.streaming:
+            return stream_examples(self.source, **source)
+        return load_problems(self.source, seed=seed, **source)
+
+    def describe(self) -> str:
+        """The data in one line, as a head's model card names it (`describe_source`)."""
+        return describe_source(
+            self.source, fields=self.fields, split=self.split, limit=self.limit, subset=self.subset,
+            streaming=self.streaming,
+        )  # fmt: skip
 
 
 def pad_token_id(tokenizer) -> int:
@@ -386,8 +438,7 @@ def tokenize_examples(examples: Sequence[MathExample], tokenizer, max_length: in
     Sequences over `max_length` lose their end; an example whose prompt alone fills `max_length` has nothing left to
     train on and is dropped. Both are counted in the returned report.
     """
-    if not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+    positive_int(max_length, "max_length")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token so that targets end where to stop")
     report = TruncationReport(max_length=max_length)
@@ -437,8 +488,7 @@ def tokenize_stream(
     and the returned report counts the examples, truncations and drops as they stream by: what was read so far,
     including a batch or two the data loader reads ahead (a second pass over the data counts again).
     """
-    if not isinstance(max_length, int) or max_length < 1:
-        raise ValueError(f"max_length must be a positive integer, got {max_length!r}")
+    positive_int(max_length, "max_length")
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos token; set tokenizer.eos_token so that targets end where to stop")
     report = TruncationReport(max_length=max_length)

@@ -7,8 +7,8 @@ second head and swap the two on one frozen base, and print what was measured.
 
 from __future__ import annotations
 
-import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,6 +17,15 @@ from transformers import set_seed
 
 from ..config import BackAttnConfig
 from ..layer import BASE_ADAPTER_NAME
+from ..validation import (
+    check_fields,
+    non_negative_number,
+    option_name,
+    path_like,
+    positive_number,
+    seed_int,
+    true_or_false,
+)
 from .base_models import EMBEDDED_DEFAULT, check_positions, load_base_model
 from .evaluation import BASE_NAME, EvalResult, evaluate_heads, format_table, generate_solutions, write_json
 from .plots import missing_plots_message, plot_comparison, plot_loss_curve, plots_available
@@ -42,22 +51,64 @@ LAST_STEPS_SECONDS = 90  # kept for steps 5 and 6 when earlier steps ran long an
 SHOWCASE_SECONDS = 30  # generation time allowed for the one mixed-head batch of step 6
 
 
-def run_demo(
-    output_dir: str = "runs/demo",
-    train_minutes: float = TRAIN_MINUTES,
-    seed: int = 0,
-    model_name: str = EMBEDDED_DEFAULT,
-    eval_minutes: float = EVAL_MINUTES,
-    progress: bool = True,
-) -> dict:
+@dataclass
+class DemoOptions:
+    """The demo's options: those of `peft-backattn demo`, which `run_demo` takes."""
+
+    output_dir: str = field(
+        default="runs/demo",
+        metadata={"help": "where the heads and demo_results.json go", "check": path_like.saying("a folder")},
+    )
+    model: str = field(
+        default=EMBEDDED_DEFAULT,
+        metadata={"help": "base model: a hub name or a local folder of any causal LM, or the embedded SmolLM2"},
+    )
+    train_minutes: float = field(
+        default=TRAIN_MINUTES,
+        # 0 would train without a time budget, for 10,000 steps
+        metadata={"help": "training time of the math head", "check": positive_number},
+    )
+    eval_minutes: float = field(
+        default=EVAL_MINUTES,
+        metadata={
+            "help": "time budget of the evaluation of base and head; it says what was cut",
+            "check": non_negative_number,
+        },
+    )
+    learning_rate: float = field(
+        default=2e-3,
+        metadata={
+            "help": "AdamW learning rate of both heads, above train's default as they train for minutes (the demo's "
+            "documented numbers were measured at 2e-3)",
+            "flag": "--lr",
+            "check": positive_number,
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "seed of data, head init and shuffling", "check": seed_int})
+    progress: bool = field(
+        default=True,
+        metadata={
+            "help": "show progress within each step: a bar on a terminal, a line a minute in a log",
+            "flag": "--no-progress",
+            "check": true_or_false,
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+
+def run_demo(options: DemoOptions | None = None) -> dict:
     """Run the demo and return what it measured (also written to `output_dir/demo_results.json`, with PNG pictures
     of the training loss and of base against head beside it when matplotlib is installed).
 
-    `model_name` swaps the embedded SmolLM2 for any other causal LM (a folder or a hub name you can reach).
-    `eval_minutes` bounds the evaluation of base and head; `progress` shows progress within each step.
+    `options.model` swaps the embedded SmolLM2 for any other causal LM (a folder or a hub name you can reach).
+    `options.eval_minutes` bounds the evaluation of base and head; `options.progress` shows progress within each step.
     """
-    _check_options(train_minutes, eval_minutes, seed)
-    check_writable(output_dir, "--output-dir (output_dir)")  # before the base is loaded and a head trained
+    options = options or DemoOptions()
+    output_dir, model_name, seed, progress = options.output_dir, options.model, options.seed, options.progress
+    train_minutes, eval_minutes = options.train_minutes, options.eval_minutes
+    check_writable(output_dir, option_name(DemoOptions, "output_dir"))  # before the base is loaded and a head trained
     start = _CLOCK["start"] = time.monotonic()
     output = Path(output_dir)
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -82,7 +133,7 @@ def run_demo(
     print(f"    head: {config.logit_weighting} weighting, {config.combine}, r={config.r}: {trainable:,} trainable "
           f"parameters ({100 * trainable / total:.3f} % of {total / 1e6:.1f} M)")  # fmt: skip
     math_dir = output / "math_head"
-    report = train_head(model, tokenizer, train, _options(math_dir, train_minutes, seed))
+    report = train_head(model, tokenizer, train, _training(options, math_dir, train_minutes))
     print(f"    {report.steps} steps in {report.seconds:.0f} s, training loss {report.first_loss:.3f} -> "
           f"{report.final_loss:.3f}")  # fmt: skip
 
@@ -121,7 +172,7 @@ def run_demo(
     model.add_adapter("short", BackAttnConfig())
     model.set_adapter("short")
     short_dir = output / "short_head"
-    train_head(model, tokenizer, _answer_only(train), _options(short_dir, SECOND_HEAD_MINUTES, seed))
+    train_head(model, tokenizer, _answer_only(train), _training(options, short_dir, SECOND_HEAD_MINUTES))
     reloaded.load_adapter(str(short_dir), adapter_name="short")
     reloaded.eval()
     swap = {}
@@ -186,19 +237,6 @@ def _draw_pictures(output: Path, report: TrainingReport, results: dict[str, Eval
     return [str(loss), str(metrics)]
 
 
-def _check_options(train_minutes: float, eval_minutes: float, seed: int) -> None:
-    """Refuse options that would fail late (after the base is loaded) or mean something else: 0 minutes would
-    train without a time budget, for 10,000 steps."""
-    number = isinstance(train_minutes, (int, float)) and not isinstance(train_minutes, bool)
-    if not (number and math.isfinite(train_minutes) and train_minutes > 0):
-        raise ValueError(f"--train-minutes (train_minutes) must be a positive number, got {train_minutes!r}")
-    number = isinstance(eval_minutes, (int, float)) and not isinstance(eval_minutes, bool)
-    if not (number and math.isfinite(eval_minutes) and eval_minutes >= 0):
-        raise ValueError(f"--eval-minutes (eval_minutes) must be a finite number >= 0, got {eval_minutes!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
-        raise ValueError(f"--seed (seed) must be an integer from 0 to 2**32 - 1, got {seed!r}")
-
-
 def _promised_minutes(train_minutes: float, eval_minutes: float) -> float:
     """The demo's wall-clock promise: 10 minutes with the default budgets, moved by any change of them."""
     return DEMO_MINUTES + (train_minutes - TRAIN_MINUTES) + (eval_minutes - EVAL_MINUTES)
@@ -211,11 +249,12 @@ def _evaluation_seconds(start: float, train_minutes: float, eval_minutes: float)
     return max(0.0, min(60 * eval_minutes, left))
 
 
-def _options(directory: Path, minutes: float, seed: int) -> TrainingOptions:
+def _training(options: DemoOptions, directory: Path, minutes: float) -> TrainingOptions:
+    """The training of one of the demo's heads: `minutes` at `options.learning_rate`, 192 tokens per example."""
     return TrainingOptions(
-        output_dir=str(directory), max_steps=10_000, batch_size=8, learning_rate=2e-3, max_length=192, seed=seed,
-        logging_steps=1, save_steps=10_000, save_total_limit=1, time_budget_seconds=60 * minutes,
-        progress_bar=False, overwrite=True,
+        output_dir=str(directory), max_steps=10_000, batch_size=8, learning_rate=options.learning_rate,
+        max_length=192, seed=options.seed, logging_steps=1, save_steps=10_000, save_total_limit=1,
+        time_budget_seconds=60 * minutes, progress_bar=False, overwrite=True,
     )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -25,7 +25,18 @@ from peft import PeftModel
 from transformers import PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from ..layer import BASE_ADAPTER_NAME
-from .base_models import check_positions
+from ..validation import (
+    Check,
+    check_fields,
+    check_option,
+    non_negative_int,
+    non_negative_number,
+    option_name,
+    positive_int,
+    seed_int,
+    true_or_false,
+)
+from .base_models import check_positions, fit_length
 from .data import (
     IGNORE_INDEX,
     PaddingCollator,
@@ -47,6 +58,112 @@ from .problems import MathExample
 from .progress import Progress
 
 BASE_NAME = "base"  # how results name the frozen base without a head (use_head also takes "__base__")
+MAX_LENGTH = 512  # tokens per example for the perplexity where `max_length` is not given (fewer on a smaller base)
+_PROGRESS_HELP = "show progress: a bar on a terminal, a line a minute in a log"
+
+
+@dataclass
+class EvalOptions:
+    """How to evaluate the base and its heads: the options of `eval` (beside `ModelOptions` and `DataOptions`) and the
+    settings of `evaluate` and `evaluate_heads`, which check their keywords as these fields do."""
+
+    heads: list[str] = field(default_factory=list, metadata={"help": "head folders to evaluate (named after them)"})
+    base: bool = field(default=True, metadata={"help": "evaluate the base without a head too", "check": true_or_false})
+    generation_limit: int | None = field(
+        default=None,
+        metadata={
+            "help": "score generations on the first N problems only; 0: no generation, perplexity only (default: all)",
+            "check": non_negative_int.or_none("an integer >= 0 (0: no generation) or None"),
+        },
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "tokens generated per problem", "check": positive_int})
+    batch_size: int = field(default=8, metadata={"help": "problems per batch", "check": positive_int})
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": f"tokens per example for perplexity (default: {MAX_LENGTH}, or the base's positions where it "
+            "takes fewer)",
+            "check": positive_int.or_none("a positive integer, or None for the default"),
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "seed of the generator and of shuffling", "check": seed_int})
+    output: str | None = field(default=None, metadata={"help": "write the metrics to this JSON file"})
+    progress: bool = field(
+        default=True, metadata={"help": _PROGRESS_HELP, "flag": "--no-progress", "check": true_or_false}
+    )
+    time_budget_seconds: float | None = field(
+        default=None,
+        metadata={
+            "help": "stop starting batches when it is spent (see evaluate_heads)",
+            "flag": None,
+            "check": non_negative_number.or_none(),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not (self.base or self.heads):
+            raise ValueError("Nothing to evaluate: --no-base without --heads.")
+
+    def for_base(self, config: PretrainedConfig) -> EvalOptions:
+        """These options with `max_length` for the base (`fit_length`): given, it is refused beyond the base's
+        positions (and the options come back as they are); None becomes MAX_LENGTH tokens, or the base's positions
+        where it takes fewer (said in one line)."""
+        max_length = fit_length(config, self.max_length, MAX_LENGTH, option_name(EvalOptions, "max_length"))
+        return self if max_length == self.max_length else replace(self, max_length=max_length)
+
+
+@dataclass
+class GenerateOptions:
+    """What `generate` answers, and how: its options beside `ModelOptions` (`generate_answers` takes them)."""
+
+    problem: str = field(
+        metadata={
+            "help": "the problem text",
+            "check": Check("the text of a problem", lambda value: isinstance(value, str)),
+        }
+    )
+    heads: list[str] = field(default_factory=list, metadata={"help": "head folders to answer with"})
+    base: bool = field(
+        default=False,
+        metadata={
+            "help": "also answer with the base alone (without --heads it answers alone)",
+            "check": true_or_false,
+        },
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "tokens to generate", "check": positive_int})
+    temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "sample at this temperature; 0 means greedy (default: greedy)",
+            "check": non_negative_number.or_none(),
+        },
+    )
+    top_k: int | None = field(
+        default=None,
+        metadata={
+            "help": "sample from the k most likely tokens (at temperature 1 unless given)",
+            "check": positive_int.or_none(),
+        },
+    )
+    seed: int = field(default=0, metadata={"help": "sampling seed", "check": seed_int})
+    progress: bool = field(
+        default=True, metadata={"help": _PROGRESS_HELP, "flag": "--no-progress", "check": true_or_false}
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if not self.problem.strip():
+            raise ValueError("--problem is empty; pass the text of a problem.")
+
+    def sampling(self) -> dict:
+        """`generate`'s sampling keywords: none (greedy) unless a temperature above 0 or a top-k is given."""
+        if self.temperature == 0 or (self.temperature is None and self.top_k is None):
+            return {}
+        sampling = {"do_sample": True, "temperature": self.temperature or 1.0}
+        if self.top_k is not None:
+            sampling["top_k"] = self.top_k
+        return sampling
 
 
 @dataclass(frozen=True)
@@ -78,13 +195,15 @@ def target_nll(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[MathExample],
     *,
-    max_length: int = 512,
+    max_length: int | None = None,
     batch_size: int = 8,
     progress: bool = True,
 ) -> tuple[float, int, TruncationReport]:
-    """Summed negative log-likelihood (nats) of the target tokens, their count, and what truncation did."""
-    _check_positive(batch_size=batch_size, max_length=max_length)
-    check_positions(model.config, max_length, "--max-length (max_length)")
+    """Summed negative log-likelihood (nats) of the target tokens, their count, and what truncation did.
+
+    `max_length` None is MAX_LENGTH tokens, or the base's positions where it takes fewer (`EvalOptions.for_base`)."""
+    options = EvalOptions(max_length=max_length, batch_size=batch_size, progress=progress).for_base(model.config)
+    max_length = options.max_length
     dataset, report = tokenize_examples(examples, tokenizer, max_length)
     collate = PaddingCollator.from_tokenizer(tokenizer)
     device = _device(model)
@@ -127,7 +246,8 @@ def generate_solutions(
     problems done, the tokens generated per second and the time left. A prompt whose tokens and `max_new_tokens`
     together exceed the base's position limit is refused before anything is generated.
     """
-    _check_positive(batch_size=batch_size, max_new_tokens=max_new_tokens)
+    check_option(EvalOptions, "batch_size", batch_size)
+    check_option(EvalOptions, "max_new_tokens", max_new_tokens)
     check_generation_length(model.config, tokenizer, problems, max_new_tokens)
     outputs: list[str] = []
     start_time, new_token_count = time.monotonic(), 0
@@ -141,6 +261,24 @@ def generate_solutions(
             new_token_count += tokens
             shown.update(len(texts), tokens_per_s=new_token_count / max(time.monotonic() - start_time, 1e-9))
     return outputs
+
+
+def generate_answers(
+    base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, options: GenerateOptions
+) -> dict[str, str]:
+    """What `generate` answers: `options.problem` answered by each head of `options.heads`, loaded onto `base`, and
+    by the base alone with `options.base` (or without heads), in one batch, sampled as `options.sampling()` says."""
+    torch.manual_seed(options.seed)
+    settings = dict(max_new_tokens=options.max_new_tokens, progress=options.progress, **options.sampling())
+    if not options.heads:
+        return {BASE_NAME: generate_solutions(base, tokenizer, [options.problem], **settings)[0]}
+    model, names = load_heads(base, options.heads)
+    shown = ([BASE_NAME] if options.base else []) + names
+    adapter_names = [BASE_ADAPTER_NAME if name == BASE_NAME else name for name in shown]
+    answers = generate_solutions(
+        model, tokenizer, [options.problem] * len(shown), adapter_names=adapter_names, **settings
+    )
+    return dict(zip(shown, answers, strict=True))
 
 
 @torch.no_grad()
@@ -175,7 +313,7 @@ def evaluate(
     *,
     max_new_tokens: int = 256,
     batch_size: int = 8,
-    max_length: int = 512,
+    max_length: int | None = None,
     generation_limit: int | None = None,
     progress: bool = True,
     time_budget_seconds: float | None = None,
@@ -184,13 +322,14 @@ def evaluate(
 
     Perplexity covers every example and generation (the slow part) the first `generation_limit` of them (all when
     None), unless `time_budget_seconds` runs out first (see `evaluate_heads`). `generation_limit=0` skips
-    generation: exact match, precision, recall and F1 are then None, not 0.
+    generation: exact match, precision, recall and F1 are then None, not 0. The keywords are `EvalOptions` fields,
+    checked as they are; `max_length` None is MAX_LENGTH tokens, or the base's positions where it takes fewer.
     """
-    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
-    models = {"model": nullcontext}
-    return _evaluate_together(
-        model, tokenizer, examples, models, generation_limit, progress, time_budget_seconds, **settings
-    )["model"]
+    options = EvalOptions(
+        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length,
+        generation_limit=generation_limit, progress=progress, time_budget_seconds=time_budget_seconds,
+    )  # fmt: skip
+    return _evaluate_together(model, tokenizer, examples, {"model": nullcontext}, options)["model"]
 
 
 def evaluate_heads(
@@ -201,7 +340,7 @@ def evaluate_heads(
     *,
     max_new_tokens: int = 256,
     batch_size: int = 8,
-    max_length: int = 512,
+    max_length: int | None = None,
     generation_limit: int | None = None,
     progress: bool = True,
     time_budget_seconds: float | None = None,
@@ -212,13 +351,35 @@ def evaluate_heads(
     on the same problems. With `time_budget_seconds`, no perplexity batch starts after a third of the budget (the
     first always runs, so that perplexity is defined) and no generation batch after all of it (a spent budget skips
     generation: `n` is 0 and exact match None): the budget bounds the evaluation to within one batch per model, and
-    `n` and `perplexity_problems` say how far it got.
+    `n` and `perplexity_problems` say how far it got. The keywords are as for `evaluate`.
     """
-    settings = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
+    options = EvalOptions(
+        max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length,
+        generation_limit=generation_limit, progress=progress, time_budget_seconds=time_budget_seconds,
+    )  # fmt: skip
+    return _evaluate_heads(model, tokenizer, examples, heads, options)
+
+
+def evaluate_base_and_heads(
+    base: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examples: Sequence[MathExample], options: EvalOptions
+) -> dict[str, EvalResult]:
+    """What `eval` measures: the base (unless `options.base` is False) and each head of `options.heads`, loaded onto
+    `base` (`load_heads`), on the same problems with `options`' settings."""
+    if not options.heads:
+        return {BASE_NAME: _evaluate_together(base, tokenizer, examples, {BASE_NAME: nullcontext}, options)[BASE_NAME]}
+    model, names = load_heads(base, options.heads)
+    return _evaluate_heads(model, tokenizer, examples, ([BASE_NAME] if options.base else []) + names, options)
+
+
+def _evaluate_heads(
+    model: PeftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    examples: Sequence[MathExample],
+    heads: Sequence[str],
+    options: EvalOptions,
+) -> dict[str, EvalResult]:
     models = {name: functools.partial(use_head, model, name) for name in heads}
-    return _evaluate_together(
-        model, tokenizer, examples, models, generation_limit, progress, time_budget_seconds, **settings
-    )
+    return _evaluate_together(model, tokenizer, examples, models, options)
 
 
 def _evaluate_together(
@@ -226,28 +387,16 @@ def _evaluate_together(
     tokenizer: PreTrainedTokenizerBase,
     examples: Sequence[MathExample],
     models: dict[str, Callable[[], AbstractContextManager]],
-    generation_limit: int | None,
-    progress: bool,
-    time_budget_seconds: float | None,
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-    max_length: int,
+    options: EvalOptions,
 ) -> dict[str, EvalResult]:
     """Perplexity, then generation, batch by batch; on each batch every model in turn (entered by its context)."""
-    if generation_limit is not None and (not _is_int(generation_limit) or generation_limit < 0):
-        raise ValueError(
-            f"--generation-limit (generation_limit) must be an integer >= 0 (0: no generation) or None, "
-            f"got {generation_limit!r}"
-        )
-    if time_budget_seconds is not None and not (math.isfinite(time_budget_seconds) and time_budget_seconds >= 0):
-        raise ValueError(f"time_budget_seconds must be a finite number >= 0 or None, got {time_budget_seconds!r}")
-    _check_positive(batch_size=batch_size, max_new_tokens=max_new_tokens, max_length=max_length)
-    check_positions(model.config, max_length, "--max-length (max_length)")
+    options = options.for_base(model.config)
+    generation_limit, max_new_tokens, batch_size = options.generation_limit, options.max_new_tokens, options.batch_size
+    max_length, progress = options.max_length, options.progress
     scored = list(examples[:generation_limit]) if generation_limit is not None else list(examples)
     check_generation_length(model.config, tokenizer, [e.problem for e in scored], max_new_tokens)
     start = time.monotonic()
-    budget = math.inf if time_budget_seconds is None else time_budget_seconds
+    budget = math.inf if options.time_budget_seconds is None else options.time_budget_seconds
 
     # Perplexity: teacher-forced NLL of the target tokens, at most a third of the budget.
     dataset, truncation = tokenize_examples(examples, tokenizer, max_length)
@@ -423,16 +572,6 @@ def _left_padding(tokenizer: PreTrainedTokenizerBase) -> Iterator[None]:
         yield
     finally:
         tokenizer.padding_side = previous
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _check_positive(**values: int) -> None:
-    for name, value in values.items():
-        if not _is_int(value) or value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} ({name}) must be a positive integer, got {value!r}")
 
 
 def _device(model: torch.nn.Module) -> torch.device:

@@ -11,6 +11,7 @@ import hashlib
 import random
 from collections.abc import Callable
 
+from ..validation import positive_int
 from .problems import MathExample
 
 SPLITS = ("train", "validation", "test")
@@ -327,8 +328,7 @@ def generate_examples(count: int, *, split: str = "train", seed: int = 0) -> lis
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(SPLITS)}")
-    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-        raise ValueError(f"count must be a positive integer, got {count!r}")
+    positive_int(count, "count")
     rng = random.Random(f"{_SEED_SALT}:{seed}")  # a str seed is hashed with sha512, not Python's randomised hash
     examples: list[MathExample] = []
     seen: set[str] = set()

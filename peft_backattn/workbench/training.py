@@ -7,11 +7,10 @@ launch`); this module only prepares the model and data for it and writes the fin
 from __future__ import annotations
 
 import math
-import os
 import pickle
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from datasets import IterableDataset
 from peft import PeftModel, get_peft_model
 from safetensors import SafetensorError
 from transformers import (
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
@@ -29,6 +29,20 @@ from transformers.trainer_callback import PrinterCallback
 
 from ..config import BackAttnConfig
 from ..model_card import record_card_details
+from ..validation import (
+    Check,
+    check_fields,
+    fraction,
+    is_integer,
+    non_negative_number,
+    option_name,
+    path_like,
+    positive_int,
+    positive_number,
+    seed_int,
+    true_or_false,
+)
+from .base_models import fit_length
 from .data import PaddingCollator, TruncationReport, tokenize_examples, tokenize_stream
 from .distributed import gathered_head
 from .features import (
@@ -59,59 +73,118 @@ from .saving import (
 )
 from .scored_positions import ScoredPositionsTrainer
 
+MAX_LENGTH = 256  # tokens per example where `max_length` is not given (fewer on a base that takes fewer)
+
 
 @dataclass
 class TrainingOptions:
     """How to train a head: the one list of training options.
 
-    The command line's `train` options are built from these fields (their defaults and help text; `flag` names
-    the option where it differs from the field name), and `training_arguments()` maps them onto the Trainer's.
+    The command line's `train` options are built from these fields (their defaults, help text and checks; `flag`
+    names the option where it differs from the field name), and `training_arguments()` maps them onto the Trainer's.
     """
 
-    output_dir: str = field(metadata={"help": "folder for the head and its checkpoints", "flag": "--output"})
-    max_steps: int = field(default=-1, metadata={"help": "optimiser steps; > 0 overrides --epochs", "flag": "--steps"})
-    epochs: float = field(default=1.0, metadata={"help": "passes over the data"})
-    batch_size: int = field(default=8, metadata={"help": "examples per step and process"})
+    output_dir: str = field(
+        metadata={
+            "help": "folder for the head and its checkpoints",
+            "flag": "--output",
+            "check": path_like.saying("a folder"),
+        }
+    )
+    max_steps: int = field(
+        default=-1,
+        metadata={
+            "help": "optimiser steps; > 0 overrides --epochs",
+            "flag": "--steps",
+            "check": Check(
+                "a positive integer, or -1 to train for --epochs",
+                lambda value: is_integer(value) and (value > 0 or value == -1),
+            ),
+        },
+    )
+    epochs: float = field(default=1.0, metadata={"help": "passes over the data", "check": non_negative_number})
+    batch_size: int = field(default=8, metadata={"help": "examples per step and process", "check": positive_int})
     gradient_accumulation_steps: int = field(
-        default=1, metadata={"help": "gradient accumulation steps", "flag": "--grad-accum"}
+        default=1, metadata={"help": "gradient accumulation steps", "flag": "--grad-accum", "check": positive_int}
     )
-    learning_rate: float = field(default=1e-3, metadata={"help": "AdamW learning rate", "flag": "--lr"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    learning_rate: float = field(
+        default=1e-3, metadata={"help": "AdamW learning rate", "flag": "--lr", "check": positive_number}
+    )
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay", "check": non_negative_number})
     warmup_ratio: float = field(
-        default=0.0, metadata={"help": "fraction of the steps with a linear warm-up; the rate is constant after it"}
+        default=0.0,
+        metadata={
+            "help": "fraction of the steps with a linear warm-up; the rate is constant after it",
+            "check": fraction.saying("a fraction of the steps, at least 0 and below 1"),
+        },
     )
-    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this value"})
-    max_length: int = field(default=256, metadata={"help": "tokens per example; longer examples are cut"})
-    seed: int = field(default=0, metadata={"help": "seed of the data order, the head's initial weights and sampling"})
-    logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps"})
-    save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps"})
-    save_total_limit: int | None = field(default=2, metadata={"help": "keep at most N checkpoints (None: all)"})
+    max_grad_norm: float = field(
+        default=1.0,
+        metadata={
+            "help": "clip the gradient norm to this value",
+            "check": non_negative_number.saying("a finite number >= 0 (0: no clipping)"),
+        },
+    )
+    max_length: int | None = field(
+        default=None,
+        metadata={
+            "help": f"tokens per example; longer examples are cut (default: {MAX_LENGTH}, or the base's positions "
+            "where it takes fewer)",
+            "check": positive_int.or_none("a positive integer, or None for the default"),
+        },
+    )
+    seed: int = field(
+        default=0,
+        metadata={"help": "seed of the data order, the head's initial weights and sampling", "check": seed_int},
+    )
+    logging_steps: int = field(default=10, metadata={"help": "log the loss every N steps", "check": positive_int})
+    save_steps: int = field(default=200, metadata={"help": "checkpoint every N steps", "check": positive_int})
+    save_total_limit: int | None = field(
+        default=2,
+        metadata={
+            "help": "keep at most N checkpoints (None: all)",
+            "check": positive_int.or_none("a positive integer, or None to keep all"),
+        },
+    )
     time_budget_seconds: float | None = field(
-        default=None, metadata={"help": "stop after this many seconds of training", "flag": "--time-budget"}
+        default=None,
+        metadata={
+            "help": "stop after this many seconds of training",
+            "flag": "--time-budget",
+            "check": positive_number.or_none("a positive number of seconds, or None"),
+        },
     )
     feature_cache: str | None = field(
         default=None,
         metadata={
             "help": "folder for cached features: the base runs once over the data (or a cache there for the same "
             "base, data, --max-length and tokenizer is reused) and every epoch trains the head alone on its hidden "
-            "states at the trained positions; a step then takes --batch-size examples' worth of positions"
+            "states at the trained positions; a step then takes --batch-size examples' worth of positions",
+            "check": path_like.or_none("a folder, or None"),
         },
     )
-    overwrite: bool = field(default=False, metadata={"help": "replace a head already in the output folder"})
-    resume: bool = field(default=False, metadata={"help": "continue from the last checkpoint in the output folder"})
+    overwrite: bool = field(
+        default=False, metadata={"help": "replace a head already in the output folder", "check": true_or_false}
+    )
+    resume: bool = field(
+        default=False,
+        metadata={"help": "continue from the last checkpoint in the output folder", "check": true_or_false},
+    )
     progress_bar: bool = field(
         default=True,
         metadata={
             "help": "show progress: the Trainer's bar on a terminal, a line a minute in a log (else one line per "
             "logged step)",
             "flag": "--no-progress",
+            "check": true_or_false,
         },
     )
     repeat_stream: bool = field(
         default=False,
         metadata={
             "help": "with --streaming: when the data ends before --steps, start it again from its first row (without "
-            "it, training stops at the end of the data and says so)"
+            "it, training stops at the end of the data and says so)",
+            "check": true_or_false,
         },
     )
     save_final: bool = field(
@@ -119,6 +192,7 @@ class TrainingOptions:
         metadata={
             "help": "write the head to output_dir at the end (checkpoints are written regardless)",
             "flag": None,
+            "check": true_or_false,
         },
     )
 
@@ -128,60 +202,19 @@ class TrainingOptions:
         Each message names the command-line option and the field, e.g. `--grad-accum (gradient_accumulation_steps)
         must be a positive integer, got 0.`
         """
-        positive_int = "a positive integer"
-        checks = {
-            "output_dir": (isinstance(self.output_dir, (str, os.PathLike)) and str(self.output_dir) != "", "a folder"),
-            "max_steps": (
-                _is_int(self.max_steps) and (self.max_steps > 0 or self.max_steps == -1),
-                "a positive integer, or -1 to train for --epochs",
-            ),
-            "epochs": (_is_finite(self.epochs) and self.epochs >= 0, "a finite number >= 0"),
-            "batch_size": (_is_int(self.batch_size) and self.batch_size > 0, positive_int),
-            "gradient_accumulation_steps": (
-                _is_int(self.gradient_accumulation_steps) and self.gradient_accumulation_steps > 0,
-                positive_int,
-            ),
-            "learning_rate": (_is_finite(self.learning_rate) and self.learning_rate > 0, "a positive finite number"),
-            "weight_decay": (_is_finite(self.weight_decay) and self.weight_decay >= 0, "a finite number >= 0"),
-            "warmup_ratio": (
-                _is_finite(self.warmup_ratio) and 0 <= self.warmup_ratio < 1,
-                "a fraction of the steps, at least 0 and below 1",
-            ),
-            "max_grad_norm": (
-                _is_finite(self.max_grad_norm) and self.max_grad_norm >= 0,
-                "a finite number >= 0 (0: no clipping)",
-            ),
-            "max_length": (_is_int(self.max_length) and self.max_length > 0, positive_int),
-            "seed": (_is_int(self.seed) and 0 <= self.seed < 2**32, "an integer from 0 to 2**32 - 1"),
-            "logging_steps": (_is_int(self.logging_steps) and self.logging_steps > 0, positive_int),
-            "save_steps": (_is_int(self.save_steps) and self.save_steps > 0, positive_int),
-            "save_total_limit": (
-                self.save_total_limit is None or (_is_int(self.save_total_limit) and self.save_total_limit > 0),
-                "a positive integer, or None to keep all",
-            ),
-            "time_budget_seconds": (
-                self.time_budget_seconds is None
-                or (_is_finite(self.time_budget_seconds) and self.time_budget_seconds > 0),
-                "a positive number of seconds, or None",
-            ),
-            "feature_cache": (
-                self.feature_cache is None
-                or (isinstance(self.feature_cache, (str, os.PathLike)) and str(self.feature_cache) != ""),
-                "a folder, or None",
-            ),
-            **{
-                name: (isinstance(getattr(self, name), bool), "True or False")
-                for name in ("overwrite", "resume", "progress_bar", "repeat_stream", "save_final")
-            },
-        }
-        for name, (valid, expected) in checks.items():
-            if not valid:
-                raise ValueError(f"{_option_name(name)} must be {expected}, got {getattr(self, name)!r}.")
+        check_fields(self)
         if self.max_steps == -1 and self.epochs == 0:
             raise ValueError(
                 "--epochs (epochs) is 0 and --steps (max_steps) is -1, so nothing would be trained; "
                 "pass a positive --epochs or --steps."
             )
+
+    def for_base(self, config: PretrainedConfig, say: bool = True) -> TrainingOptions:
+        """These options with `max_length` for the base (`fit_length`): given, it is refused beyond the base's
+        positions (and the options come back as they are); None becomes MAX_LENGTH tokens, or the base's positions
+        where it takes fewer (`say` says so)."""
+        max_length = fit_length(config, self.max_length, MAX_LENGTH, option_name(TrainingOptions, "max_length"), say)
+        return self if max_length == self.max_length else replace(self, max_length=max_length)
 
     def training_arguments(self, batch_size: int | None = None) -> TrainingArguments:
         """The Trainer's arguments for these options (head-only training on a frozen base, no reporting).
@@ -214,24 +247,6 @@ class TrainingOptions:
             dataloader_num_workers=0,
             logging_nan_inf_filter=False,  # a NaN loss is logged as such (and stops training), not averaged away
         )
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_finite(value) -> bool:
-    """A real number that is neither NaN nor infinite (bool excluded: True is no learning rate)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _option_name(name: str) -> str:
-    """How a message names a TrainingOptions field: '--grad-accum (gradient_accumulation_steps)'."""
-    spec = next(spec for spec in fields(TrainingOptions) if spec.name == name)
-    flag = spec.metadata.get("flag", "")
-    if flag is None:  # not a command-line option
-        return name
-    return f"{flag or '--' + name.replace('_', '-')} ({name})"
 
 
 @dataclass
@@ -435,14 +450,16 @@ def train_head(
     output = Path(options.output_dir)
     if (output / "adapter_config.json").exists() and not (options.overwrite or options.resume):
         raise ValueError(f"{output} already holds a head; pass --overwrite, --resume or another --output.")
-    check_writable(output, _option_name("output_dir"))
+    check_writable(output, option_name(TrainingOptions, "output_dir"))
     streamed = isinstance(examples, IterableDataset)
     check_streaming(options, streamed)
     arguments = options.training_arguments()
     main_process = arguments.process_index == 0
+    if options.max_length is None:  # not chosen: the default, or the base's positions where it takes fewer
+        options = options.for_base(model.config, say=main_process)
     if options.feature_cache is not None:
         check_feature_folder(options.feature_cache, output)
-        check_writable(options.feature_cache, _option_name("feature_cache"))
+        check_writable(options.feature_cache, option_name(TrainingOptions, "feature_cache"))
     checkpoint, skipped = _resume_checkpoint(output) if options.resume else (None, [])
     trained_on = checkpoint_features(checkpoint) if checkpoint else None
     if checkpoint:
