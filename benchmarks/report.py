@@ -378,6 +378,27 @@ def serve_table(result: dict) -> str:
             + markdown_table(header, rows))  # fmt: skip
 
 
+def serve_vllm_table(result: dict) -> str:
+    """`bench_serve.py --vllm`: bare vLLM, vLLM with the heads' processor, and `peft-backattn serve`, same requests."""
+    settings = result["settings"]
+
+    def share(entry: dict, key: str) -> str:
+        return f"{100 * entry[key]:.0f} %" if key in entry else "-"
+
+    rows = [[name, s["tokens_per_s"], s["p50_latency_s"], s["p95_latency_s"], s["vs_bare_vllm"],
+             share(s, "processor_share_of_step"), share(s, "extra_share_of_step")]
+            for name, s in result["speed"].items()]  # fmt: skip
+    header = ["server: requests spread over", "output tokens/s", "p50 latency (s)", "p95 latency (s)",
+              "x bare vLLM", "processor alone, share of the step", "step's growth over bare vLLM"]  # fmt: skip
+    flops = result["flops"]
+    return (f"{settings['clients']} concurrent clients, {settings['tokens']} greedy output tokens per request, "
+            f"{settings['requests']} requests per setting and round, {settings['rounds']} rounds, one server at a "
+            f"time. The two vocabulary products: "
+            f"{flops['two_vocabulary_products_per_token'] / 1e6:.1f} MFLOP a token, the base's forward "
+            f"{flops['base_forward_per_token_context_256'] / 1e6:.1f} MFLOP (context 256); `{result['command']}`\n\n"
+            + markdown_table(header, rows))  # fmt: skip
+
+
 def lmeval_table(runs: list[dict]) -> str:
     """lm-eval's own results files: exact match under both filters, with its standard error and the count."""
     rows = []
@@ -530,6 +551,8 @@ def tables() -> dict[str, str]:
     serve = load("serve-smollm2")
     if serve:
         blocks["serve"] = serve_table(serve)
+    for path in sorted(RESULTS.glob("serve-vllm-*.json")):
+        blocks[path.stem] = serve_vllm_table(load(path.stem))
     lmeval = [run for run in (load("lmeval-gsm8k-base"), load("lmeval-gsm8k-head")) if run]
     if lmeval:
         blocks["lmeval-gsm8k"] = lmeval_table(lmeval)
