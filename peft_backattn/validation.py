@@ -170,6 +170,8 @@ def add_dataclass_options(
         kwargs["default"] = default if spec.name in defaults else argparse.SUPPRESS
         if kind is bool:
             kwargs["action"] = "store_false" if negated else "store_true"
+        elif "append" in spec.metadata:  # `list[str]` given one value a flag: `--head a=x --head b=y`
+            kwargs.update(action="append", metavar=spec.metadata["append"])
         elif typing.get_origin(kind) is list:  # `list[str]`: the values that follow the flag
             kwargs.update(nargs="*", type=typing.get_args(kind)[0])
         else:

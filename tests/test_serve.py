@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import shutil
 import signal
 import socket
@@ -720,27 +721,32 @@ def test_serve_errors_are_one_line(tiny_lm_dir, capsys, args, message):
     assert message in stderr
 
 
-WINDOW_RANGE = "argument --batch-window-ms: must be a finite number from 0 to 10000"
+WINDOW_RANGE = "--batch-window-ms (batch_window_ms) must be a finite number from 0 to 10000"
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--batch-window-ms", "inf"], f"{WINDOW_RANGE}, got inf"),
-        (["--batch-window-ms", "nan"], f"{WINDOW_RANGE}, got nan"),
-        (["--batch-window-ms", "-1"], f"{WINDOW_RANGE}, got -1"),
-        (["--batch-window-ms", "1e12"], f"{WINDOW_RANGE}, got 1e12"),
-        (["--port", "99999"], "argument --port: must be an integer from 0 to 65535, got 99999"),
-        (["--port", "-1"], "argument --port: must be an integer from 0 to 65535, got -1"),
+        (["--batch-window-ms", "inf"], f"{WINDOW_RANGE}, got inf."),
+        (["--batch-window-ms", "nan"], f"{WINDOW_RANGE}, got nan."),
+        (["--batch-window-ms", "-1"], f"{WINDOW_RANGE}, got -1.0."),
+        (["--batch-window-ms", "1e12"], f"{WINDOW_RANGE}, got 1000000000000.0."),
+        (["--port", "99999"], "--port (port) must be an integer from 0 to 65535, got 99999."),
+        (["--port", "-1"], "--port (port) must be an integer from 0 to 65535, got -1."),
         (["--port", "http"], "argument --port: must be an integer from 0 to 65535, got 'http'"),
-        (["--max-batch", "0"], "argument --max-batch: must be an integer >= 1, got 0"),
-        (["--max-model-len", "1"], "argument --max-model-len: must be an integer >= 2, got 1"),
+        (["--max-batch", "0"], "--max-batch (max_batch) must be an integer >= 1, got 0."),
+        (["--max-model-len", "1"], "--max-model-len (max_model_len) must be an integer >= 2 or None, got 1."),
+        (["--head", "../x=somewhere"], "--head '../x=somewhere': "),
     ],
 )
 def test_serve_options_out_of_range_are_one_line_before_anything_loads(capsys, args, message):
-    with pytest.raises(SystemExit) as exited:  # the model does not exist: it is never reached
-        main(["serve", "--model", "/nonexistent/model", *args])
-    assert exited.value.code == 2
+    """Checked when `ServeOptions` is built (a word where a number belongs, by the parser): the model named does not
+    exist, so reaching it would be another error."""
+    try:
+        status = main(["serve", "--model", "/nonexistent/model", *args])
+    except SystemExit as exited:
+        status = exited.code
+    assert status == 2
     captured = capsys.readouterr()
     assert captured.out == ""
     assert len(captured.err.splitlines()) == 1 and message in captured.err
@@ -749,8 +755,18 @@ def test_serve_options_out_of_range_are_one_line_before_anything_loads(capsys, a
 @pytest.mark.parametrize("window", [float("inf"), float("nan"), -1.0, 1e12])
 def test_build_state_refuses_a_batch_window_that_could_hang_the_worker(model_dir, tokenizer, window):
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    with pytest.raises(ValueError, match="--batch-window-ms must be a finite number from 0 to 10000"):
+    with pytest.raises(ValueError, match=re.escape(WINDOW_RANGE)):
         build_state(base, tokenizer, BASE, batch_window_ms=window)
+
+
+def test_serve_options_from_python_are_checked_as_on_the_command_line():
+    from peft_backattn.serve import ServeOptions
+
+    assert ServeOptions(port=0, batch_window_ms=0.0).port == 0
+    with pytest.raises(ValueError, match=re.escape("--port (port) must be an integer from 0 to 65535, got 70000.")):
+        ServeOptions(port=70000)
+    with pytest.raises(ValueError, match=re.escape(f"{WINDOW_RANGE}, got inf.")):
+        ServeOptions(batch_window_ms=float("inf"))
 
 
 def test_a_port_in_use_is_one_line_before_the_model_loads(capsys):

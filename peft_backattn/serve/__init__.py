@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from .options import SERVE_EXAMPLES, SERVE_HELP, add_serve_options, head_specs
+from ..validation import given_options
+from .options import SERVE_EXAMPLES, SERVE_HELP, ServeOptions, add_serve_options
 
 SERVE_EXTRA_MODULES = ("fastapi", "starlette", "uvicorn", "sse_starlette", "pydantic")
 
@@ -22,19 +23,20 @@ except ModuleNotFoundError as missing:  # the optional extra is not installed
     run_server = None
     _MISSING_MODULE = missing.name
 
-__all__ = ["SERVE_EXAMPLES", "SERVE_HELP", "add_serve_options", "run_serve_command"]
+__all__ = ["SERVE_EXAMPLES", "SERVE_HELP", "ServeOptions", "add_serve_options", "run_serve_command"]
 
 
 def run_serve_command(args: argparse.Namespace) -> int:
     """`peft-backattn serve`: load the base and heads, then serve until interrupted."""
+    options = ServeOptions(**given_options(ServeOptions, args))  # every value checked before anything loads
+    heads = options.heads()
     if run_server is None:
         raise RuntimeError(
             f"serving needs the optional dependencies (no module {_MISSING_MODULE!r}); "
             "install them with: pip install 'peft-backattn[serve]'"
         )
-    heads = head_specs(args.head, args.heads_dir)
     run_server(
-        args.model, heads, host=args.host, port=args.port, api_key=args.api_key, max_batch=args.max_batch,
-        batch_window_ms=args.batch_window_ms, max_model_len=args.max_model_len,
+        options.model, heads, host=options.host, port=options.port, api_key=options.api_key,
+        max_batch=options.max_batch, batch_window_ms=options.batch_window_ms, max_model_len=options.max_model_len,
     )  # fmt: skip
     return 0

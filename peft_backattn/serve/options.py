@@ -6,10 +6,10 @@ This module needs no serving dependency: `peft-backattn --help` works without th
 from __future__ import annotations
 
 import argparse
-import math
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..validation import Check, add_dataclass_options, check_fields, is_finite, is_integer
 from ..workbench.base_models import EMBEDDED_DEFAULT
 from .registry import head_name_problem
 
@@ -24,56 +24,67 @@ SERVE_EXAMPLES = """examples:
 SERVE_HELP = "Serve heads on one frozen base over an OpenAI-compatible HTTP API, batching requests across heads."
 
 
-def add_serve_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default=EMBEDDED_DEFAULT,
-        help=f"base model: a hub name, a local folder, or {EMBEDDED_DEFAULT!r} (default; needs no hub access)",
-    )
-    parser.add_argument(
-        "--head", action="append", default=[], metavar="NAME=PATH",
-        help="a head folder to serve as model NAME (repeatable; a bare PATH is named after its folder)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--heads-dir", metavar="DIR", help="serve every head folder inside DIR, each named after its folder"
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument(
-        "--port", type=_in_range(int, 0, 65535), default=8000,
-        help="port to listen on, 0 to 65535 (default 8000; 0: a free port, printed at start)",
-    )  # fmt: skip
-    parser.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on every /v1 request")
-    parser.add_argument(
-        "--max-batch", type=_in_range(int, 1), default=32, help="rows decoded together at most (default 32)"
-    )
-    parser.add_argument(
-        "--batch-window-ms", type=_in_range(float, 0, MAX_BATCH_WINDOW_MS), default=10.0,
-        help=f"an idle server waits this long for more requests to start a batch with, 0 to {MAX_BATCH_WINDOW_MS:g} "
-        "(default 10)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--max-model-len", type=_in_range(int, 2),
-        help="context length in tokens, prompt and completion (default: the base's max_position_embeddings)",
-    )  # fmt: skip
-
-
-def _in_range(kind: type[int] | type[float], low: float, high: float | None = None) -> Callable[[str], int | float]:
-    """An argparse type: a finite `kind` from `low` to `high`, checked while the command line is read, before
-    anything loads; argparse reports a refusal in one line."""
-    expected = f"{'an integer' if kind is int else 'a finite number'} " + (
+def _number_in(kind: type[int] | type[float], low: float, high: float | None = None) -> Check:
+    """A finite int (or number) from `low` to `high` (no upper bound when None)."""
+    words = f"{'an integer' if kind is int else 'a finite number'} " + (
         f"from {low:g} to {high:g}" if high is not None else f">= {low:g}"
     )
+    test = is_integer if kind is int else is_finite
+    return Check(words, lambda value: test(value) and low <= value and (high is None or value <= high))
 
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {expected}, got {text!r}") from None
-        if not (math.isfinite(value) and low <= value and (high is None or value <= high)):
-            raise argparse.ArgumentTypeError(f"must be {expected}, got {text}")
-        return value
 
-    return parse
+@dataclass
+class ServeOptions:
+    """How to serve: the options of `peft-backattn serve`, each checked when built, before anything loads."""
+
+    model: str = field(
+        default=EMBEDDED_DEFAULT,
+        metadata={"help": f"base model: a hub name, a local folder, or {EMBEDDED_DEFAULT!r} (needs no hub access)"},
+    )
+    head: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "a head folder to serve as model NAME (repeatable; a bare PATH is named after its folder)",
+            "append": "NAME=PATH",
+        },
+    )
+    heads_dir: str | None = field(
+        default=None, metadata={"help": "serve every head folder inside DIR, each named after its folder"}
+    )
+    host: str = field(default="127.0.0.1", metadata={"help": "address to bind (127.0.0.1: this machine only)"})
+    port: int = field(
+        default=8000,
+        metadata={"help": "port to listen on (0: a free port, printed at start)", "check": _number_in(int, 0, 65535)},
+    )
+    api_key: str | None = field(
+        default=None, metadata={"help": "require 'Authorization: Bearer KEY' on every /v1 request"}
+    )
+    max_batch: int = field(default=32, metadata={"help": "rows decoded together at most", "check": _number_in(int, 1)})
+    batch_window_ms: float = field(
+        default=10.0,
+        metadata={
+            "help": "an idle server waits this long (milliseconds) for more requests to start a batch with",
+            "check": _number_in(float, 0, MAX_BATCH_WINDOW_MS),
+        },
+    )
+    max_model_len: int | None = field(
+        default=None,
+        metadata={
+            "help": "context length in tokens, prompt and completion (default: the base's max_position_embeddings)",
+            "check": _number_in(int, 2).or_none(),
+        },
+    )
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+
+    def heads(self) -> dict[str, str]:
+        """{name: folder} of `--heads-dir` and `--head` (`head_specs`)."""
+        return head_specs(self.head, self.heads_dir)
+
+
+def add_serve_options(parser: argparse.ArgumentParser) -> None:
+    add_dataclass_options(parser, ServeOptions)
 
 
 def head_specs(specs: list[str], heads_dir: str | None) -> dict[str, str]:

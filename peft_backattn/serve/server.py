@@ -4,7 +4,6 @@ the command line or in a background thread for tests and benchmarks."""
 from __future__ import annotations
 
 import errno
-import math
 import os
 import socket
 import threading
@@ -14,10 +13,11 @@ from collections.abc import Mapping
 import uvicorn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from ..validation import check_option
 from ..workbench.base_models import load_base_model
 from .app import ServerState, create_app
 from .errors import ServeError
-from .options import MAX_BATCH_WINDOW_MS
+from .options import ServeOptions
 from .registry import HeadRegistry, TextCodec
 from .scheduler import BatchScheduler
 
@@ -34,11 +34,8 @@ def build_state(
     max_model_len: int | None = None,
 ) -> ServerState:
     """Load the heads onto the base (each through PEFT's validated loaders) and start the scheduler's worker."""
-    if max_batch < 1:
-        raise ValueError(f"--max-batch must be at least 1, got {max_batch}.")
-    if not (math.isfinite(batch_window_ms) and 0 <= batch_window_ms <= MAX_BATCH_WINDOW_MS):
-        raise ValueError(f"--batch-window-ms must be a finite number from 0 to {MAX_BATCH_WINDOW_MS:g}, got "
-                         f"{batch_window_ms}.")  # fmt: skip
+    check_option(ServeOptions, "max_batch", max_batch)  # the checks of `serve`'s options, for Python callers
+    check_option(ServeOptions, "batch_window_ms", batch_window_ms)
     registry = HeadRegistry(base, base_name)
     for name, path in dict(heads).items():
         try:
