@@ -421,6 +421,18 @@ def test_the_seed_range_is_what_the_sampler_takes(client):
 BAD_SEED = 4242
 
 
+def fail_sampling_after_the_first_token(monkeypatch, seed: int) -> None:
+    """Rows sampled with `seed` raise in their own sampling step from their second token on; other rows sample."""
+    sample = scheduler_module._sample
+
+    def sampler(logits, params, row):
+        if params.seed == seed and row.generated >= 1:
+            raise RuntimeError("injected")
+        return sample(logits, params, row)
+
+    monkeypatch.setattr(scheduler_module, "_sample", sampler)
+
+
 def _fail_for_the_bad_seed(step: str, monkeypatch, scheduler) -> None:
     """Make one step fail for rows seeded BAD_SEED: at their generator, or at their 2nd token's sampling or text."""
     if step == "seeding":
@@ -433,14 +445,7 @@ def _fail_for_the_bad_seed(step: str, monkeypatch, scheduler) -> None:
 
         monkeypatch.setattr(scheduler_module, "_generator", generator)
     elif step == "sampling":
-        sample = scheduler_module._sample
-
-        def sampler(logits, params, row):
-            if params.seed == BAD_SEED and row.generated >= 1:
-                raise RuntimeError("injected")
-            return sample(logits, params, row)
-
-        monkeypatch.setattr(scheduler_module, "_sample", sampler)
+        fail_sampling_after_the_first_token(monkeypatch, BAD_SEED)
     else:
         emit = scheduler._emit
 

@@ -22,10 +22,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from test_serve import BASE, LONG_WAIT, PROMPTS, Reference, error_of, post, save_head, save_lively_lm, wait_idle
+from test_serve import (
+    BASE,
+    LONG_WAIT,
+    PROMPTS,
+    Reference,
+    error_of,
+    fail_sampling_after_the_first_token,
+    post,
+    save_head,
+    save_lively_lm,
+    wait_idle,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from peft_backattn.serve import scheduler as scheduler_module
 from peft_backattn.serve.server import BackgroundServer, build_state
 
 MIX_SEED = 18
@@ -284,14 +294,7 @@ def test_hundreds_of_requests_with_faults_each_get_their_heads_answer_alone(
                 "seed": seed}  # fmt: skip
         choices = json.loads(post(server, "/completions", body)[1])["choices"]
         alone_samples[head, seed] = [c["text"] for c in sorted(choices, key=lambda c: c["index"])]
-    sample = scheduler_module._sample
-
-    def failing_sample(logits, params, row):
-        if params.seed == FAILING_SEED and row.generated >= 1:
-            raise RuntimeError("injected")
-        return sample(logits, params, row)
-
-    monkeypatch.setattr(scheduler_module, "_sample", failing_sample)
+    fail_sampling_after_the_first_token(monkeypatch, FAILING_SEED)
     scheduler = server.state.scheduler
     before = scheduler.stats()
     started = time.monotonic()
