@@ -28,6 +28,14 @@ def expected_head_shapes(config: BackAttnConfig) -> dict[str, tuple[int, ...]]:
     }
     if heads > 1:
         shapes[stem + "gate"] = (heads, r)
+    if config.context:
+        taps, tap_width, width = len(config.context_layers), config.base_context_width, config.context_dim
+        shapes[stem + "context_to_query"] = (heads, width, r)
+        context = {"tap_proj": (taps, tap_width, width), "mlp_norm": (width,), "mlp_in": (width, 2 * width)}
+        context |= {"mlp_out": (2 * width, width), "final_norm": (width,)}
+        if config.context_attention:
+            context |= {"attention_norm": (width,), "qkv_proj": (width, 3 * width), "out_proj": (width, width)}
+        shapes |= {f"{stem}context.{name}": shape for name, shape in context.items()}
     return shapes
 
 

@@ -16,7 +16,7 @@ from peft.utils import PeftType, TaskType
 from ._base_names import published_base
 from ._files import validate_head_folder
 from ._peft_type import PEFT_TYPE_NAME
-from .validation import Check, check_fields, one_of, positive_int, positive_number, true_or_false
+from .validation import Check, check_fields, is_integer, one_of, positive_int, positive_number, true_or_false
 
 LogitWeighting = Literal["raw", "softmax"]
 CombineMode = Literal["replace", "residual"]
@@ -138,6 +138,74 @@ class BackAttnConfig(PeftConfig):
             "check": positive_int,
         },
     )
+    context: bool = field(
+        default=False,
+        metadata={
+            "help": (
+                "Make the head contextual: it also reads the outputs of some of the base's decoder layers "
+                "(context_layers), attends back over the earlier positions of the sequence with a small causal "
+                "attention block, and adds the result to its query (docs/design.md, 'The contextual head'). Off: "
+                "the head reads the final hidden state of one position only."
+            ),
+            "check": true_or_false,
+        },
+    )
+    context_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "With context: indices of the decoder layers whose outputs the head reads (negative counts from the "
+                "last). None: the layers a third and two thirds of the way up, and the last. Stored as non-negative "
+                "indices when the head is attached."
+            ),
+            "check": Check(
+                "a non-empty list of distinct layer indices, or None",
+                lambda value: (
+                    value is None
+                    or (
+                        isinstance(value, (list, tuple))
+                        and len(value) > 0
+                        and all(is_integer(index) for index in value)
+                        and len(set(value)) == len(value)
+                    )
+                ),
+            ),
+        },
+    )
+    context_dim: int = field(
+        default=128,
+        metadata={
+            "help": "With context: width of the context path (the tapped states are projected to it).",
+            "check": positive_int,
+        },
+    )
+    context_heads: int = field(
+        default=4,
+        metadata={
+            "help": "With context: attention heads of the context path; context_dim / context_heads must be even.",
+            "check": positive_int,
+        },
+    )
+    context_window: int | None = field(
+        default=None,
+        metadata={
+            "help": (
+                "With context: each position attends to at most this many positions, itself included. None: to "
+                "every earlier position."
+            ),
+            "check": positive_int.or_none(),
+        },
+    )
+    context_attention: bool = field(
+        default=True,
+        metadata={
+            "help": (
+                "With context: attend over the earlier positions. Off: the cheaper 'taps only' variant, where each "
+                "position's context is its own tapped states through the small MLP."
+            ),
+            "check": true_or_false,
+        },
+    )
     head_module: str | None = field(
         default=None,
         metadata={
@@ -178,6 +246,22 @@ class BackAttnConfig(PeftConfig):
         default=None,
         metadata={
             "help": "Width of the input-embedding matrix. Recorded on attach, checked on load.",
+            "flag": None,
+            "check": positive_int.or_none(),
+        },
+    )
+    base_context_width: int | None = field(
+        default=None,
+        metadata={
+            "help": "Width of the decoder layer outputs a contextual head reads. Recorded on attach, checked on load.",
+            "flag": None,
+            "check": positive_int.or_none(),
+        },
+    )
+    base_num_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of the base's decoder layers, for a contextual head. Recorded on attach, checked on load.",
             "flag": None,
             "check": positive_int.or_none(),
         },
@@ -235,7 +319,12 @@ class BackAttnConfig(PeftConfig):
     @property
     def is_linear(self) -> bool:
         """True when the head's scores are an affine function of the hidden state (mergeable, collapsible)."""
-        return self.logit_weighting == "raw" and self.query_activation is None and self.num_heads == 1
+        return (
+            self.logit_weighting == "raw"
+            and self.query_activation is None
+            and self.num_heads == 1
+            and not self.context
+        )
 
     @property
     def attention_scale(self) -> float:
@@ -245,6 +334,19 @@ class BackAttnConfig(PeftConfig):
     def _validate(self) -> None:
         """Each field's check (`validation`), naming it `BackAttnConfig.<field>`; `target_modules` must stay None."""
         check_fields(self, lambda name: f"BackAttnConfig.{name}")
+        if self.context_layers is not None and not self.context:
+            raise ValueError(
+                f"BackAttnConfig.context_layers={self.context_layers} is set, but context=False; pass context=True "
+                "to make the head contextual, or leave context_layers=None."
+            )
+        if self.context and (self.context_dim % self.context_heads or (self.context_dim // self.context_heads) % 2):
+            raise ValueError(
+                f"BackAttnConfig.context_dim={self.context_dim} must split into context_heads={self.context_heads} "
+                "heads of an even width (rotary positions turn pairs of coordinates); e.g. context_dim=128, "
+                "context_heads=4."
+            )
+        if self.context_layers is not None:
+            self.context_layers = list(self.context_layers)  # a tuple from Python, a list from JSON: one form
         if self.target_modules is not None:
             raise ValueError(
                 "BackAttnConfig.target_modules must stay None: the head wraps one output module; "

@@ -10,6 +10,10 @@ Notation (docs/design.md has the derivation and the cost of each mode). For one 
     Q     (r)         Q = act(dot W_Q)
     s     (V)         s = scale * Q K^T               (the head's scores)
 
+A contextual head (`config.context`) adds to the query what its context path (context.py) read from the base's
+layers at this and the earlier positions: Q = act(dot W_Q + c W_S), with c (d_c) the context vector and W_S
+(H, d_c, r) starting at zero, so that an untrained contextual head returns what the seed's head returns.
+
 The cheap association used everywhere: w V = ((w N) ⊙ g) W_V and Q K^T = (((Q W_K^T) ⊙ g) N^T), so that the only
 vocabulary-sized products are with E itself. In 'raw' mode w N = h (W_out^T N) / |V| + b N / |V|, and W_out^T N is
 a frozen d_in x d_e matrix: the head then costs one vocabulary product per token, and with no activation it is an
@@ -29,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .config import QUERY_ACTIVATIONS, BackAttnConfig
+from .context import ContextEncoder
 
 
 class FrozenTensors(NamedTuple):
@@ -45,6 +50,7 @@ class BackAttnHead(nn.Module):
 
     Parameters (H = num_heads): norm_scale g (d_e), value_proj W_V (H, d_e, r), key_proj W_K (H, d_e, r),
     query_proj W_Q (H, r, r) and, for H > 1, gate (H, r), which scores each head's query for the mixture weights.
+    A contextual head also has `context` (its `ContextEncoder`) and context_to_query W_S (H, d_c, r).
     """
 
     def __init__(self, config: BackAttnConfig, embedding_dim: int) -> None:
@@ -56,6 +62,12 @@ class BackAttnHead(nn.Module):
         self.key_proj = nn.Parameter(torch.empty(heads, embedding_dim, r))  # W_K (H, d_e, r)
         self.query_proj = nn.Parameter(torch.empty(heads, r, r))  # W_Q (H, r, r)
         self.gate = nn.Parameter(torch.empty(heads, r)) if heads > 1 else None  # (H, r)
+        self.context = self.context_to_query = None
+        if config.context:
+            if config.context_layers is None or config.base_context_width is None:
+                raise ValueError("A contextual head is built once context_layers and base_context_width are known.")
+            self.context = ContextEncoder(config, config.base_context_width, len(config.context_layers))
+            self.context_to_query = nn.Parameter(torch.empty(heads, config.context_dim, r))  # W_S (H, d_c, r)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -69,6 +81,8 @@ class BackAttnHead(nn.Module):
             nn.init.zeros_(self.query_proj)
         else:
             nn.init.normal_(self.query_proj, std=std)
+        if self.context_to_query is not None:
+            nn.init.zeros_(self.context_to_query)  # the context changes nothing until it is trained
 
     # -- the forward pass: the five steps below, in order ----------------------------------------------------
 
@@ -79,19 +93,21 @@ class BackAttnHead(nn.Module):
         frozen: FrozenTensors,
         base_output: Callable[[torch.Tensor], torch.Tensor] | None = None,
         weighted: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """(n, d_in) hidden states -> (n, V) logits.
 
         A single residual head needs `base_logits` (n, V) and adds into them in place. Where they are not given,
         the base logits are formed chunk by chunk by `base_output` as needed (softmax weights, residual mixtures).
         `weighted` (n, d_e) is `weighted_embedding`'s result for these rows, when the caller has it already (cached
-        features, softmax weighting): it depends on the frozen base alone, so it may be computed once.
+        features, softmax weighting): it depends on the frozen base alone, so it may be computed once. `context`
+        (n, d_c): a contextual head's context vectors of these rows (`ContextEncoder`), which it requires.
         """
         if weighted is None:
             weighted = self.weighted_embedding(hidden, base_logits, frozen, base_output)  # (n, d_e)
         elif self.config.logit_weighting != "softmax":
             raise ValueError("Precomputed weighted embeddings are for logit_weighting='softmax' heads only.")
-        q = self.query(weighted.to(self.norm_scale.dtype))  # (n, H, r)
+        q = self.query(weighted.to(self.norm_scale.dtype), context)  # (n, H, r)
         q_emb = self.query_in_embedding_space(q)  # (n, H, d_e)
         if self.gate is None:
             return self.single_head_logits(q_emb[:, 0], base_logits, frozen)
@@ -130,10 +146,17 @@ class BackAttnHead(nn.Module):
                 parts.append(probs.to(normalized.dtype) @ normalized)  # (chunk, d_e)
         return torch.cat(parts).to(dtype)
 
-    def query(self, mixed: torch.Tensor) -> torch.Tensor:
-        """Steps 2-4 on the value side: dot = (w N ⊙ g) W_V, Q = act(dot W_Q). Returns (n, H, r)."""
+    def query(self, mixed: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+        """Steps 2-4 on the value side: dot = (w N ⊙ g) W_V, Q = act(dot W_Q [+ c W_S]). Returns (n, H, r)."""
         dot = torch.einsum("nd,hdr->nhr", mixed * self.norm_scale, self.value_proj)  # (n, H, r)
         q = torch.einsum("nhr,hrs->nhs", dot, self.query_proj)  # (n, H, r)
+        if (context is None) != (self.context is None):
+            raise ValueError(
+                "A contextual head needs its context vectors (and only it takes them); run it through the model, "
+                "whose forward records the layers it reads."
+            )
+        if context is not None:
+            q = q + torch.einsum("nc,hcr->nhr", context.to(q.dtype), self.context_to_query)  # + c W_S
         if self.config.query_activation is not None:
             q = QUERY_ACTIVATIONS[self.config.query_activation](q)
         return q

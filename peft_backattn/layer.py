@@ -14,10 +14,13 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from peft.utils.integrations import dequantize_module_weight
 from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .caches import ROWS_PER_VOCAB_CHUNK, CheckedCaches, building, offload_device, readable
 from .config import BackAttnConfig
+from .context import rotary_positions
 from .head import BackAttnHead
+from .taps import ForwardRecord, LayerTaps
 
 BASE_ADAPTER_NAME = "__base__"  # in `adapter_names`: run that sample through the base output layer alone
 
@@ -49,6 +52,10 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._unmerged_params: tuple[nn.Parameter, nn.Parameter | None] | None = None
+        self._taps = _Reference(None)  # the model's LayerTaps, set by BackAttnModel once a head is contextual
+        self._context_slots: dict[str, int] = {}  # contextual head -> its slot among the decoding cache's layers
+        self._next_context_slot = 0
+        self._context_updates: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] = {}
         self.in_features, self.out_features = output_layer_shape(base_layer)
         self.update_layer(adapter_name, config)
         self.set_adapter(adapter_name, inference_mode=config.inference_mode)
@@ -63,6 +70,10 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
         """Add a freshly initialised head called `adapter_name`, on the base layer's device."""
         head = BackAttnHead(config, embedding_dim=self.embedding_weight.shape[1])
         self.backattn_heads[adapter_name] = head
+        if config.context and config.context_attention and adapter_name not in self._context_slots:
+            # Slots are never reused: a cache written by a deleted head is never read as another head's.
+            self._context_slots[adapter_name] = self._next_context_slot
+            self._next_context_slot += 1
         # An offloaded base layer is on meta between forwards: the head goes where its hook runs it instead.
         self._move_adapter_to_device_of_base_layer(adapter_name, device=offload_device(self.get_base_layer()))
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
@@ -70,6 +81,7 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._collapsed_cache.pop(adapter_name, None)
+        self._context_slots.pop(adapter_name, None)
 
     def enable_adapters(self, enabled: bool) -> None:
         if not enabled and self.merged:
@@ -84,12 +96,32 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
     # -- forward ----------------------------------------------------------------------------------------------
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The active head's logits, or one head per sample with `adapter_names=[...]`.
+
+        `kept_positions` (B, T) bool, from a caller that kept only some positions' hidden states (training on
+        scored positions): x is then (n, d_in), the True positions in row-major order; a contextual head, which
+        reads every position of the tapped layers, picks its context vectors by it.
+        """
         adapter_names = kwargs.pop("adapter_names", None)
+        kept_positions = kwargs.pop("kept_positions", None)
+        self._context_updates.clear()
+        try:
+            logits = self._forward(x, adapter_names, kept_positions, *args, **kwargs)
+            self._write_context_cache(x)
+        finally:
+            self._context_updates.clear()
+        return logits
+
+    def _forward(
+        self, x: torch.Tensor, adapter_names: list[str] | None, kept_positions: torch.Tensor | None, *args, **kwargs
+    ) -> torch.Tensor:
         if self.disable_adapters:
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
+            if kept_positions is not None:
+                raise ValueError("adapter_names is for inference, kept_positions for training; pass one of them.")
             return self._mixed_batch_forward(x, adapter_names)
         if self.merged or not self.active_adapters:
             return self.base_layer(x, *args, **kwargs)
@@ -98,18 +130,34 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
                 f"A backattn layer runs one head at a time, but {self.active_adapters} are active; "
                 "call set_adapter('<name>'), or pass adapter_names=[...] to run one head per sample."
             )
-        return self.head_forward(self.active_adapters[0], x)
+        return self.head_forward(self.active_adapters[0], x, kept_positions=kept_positions)
 
-    def head_forward(self, adapter_name: str, x: torch.Tensor, weighted: torch.Tensor | None = None) -> torch.Tensor:
+    def head_forward(
+        self,
+        adapter_name: str,
+        x: torch.Tensor,
+        weighted: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        samples: torch.Tensor | None = None,
+        kept_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Logits of head `adapter_name` for hidden states x (..., d_in), with bounded extra memory.
 
         A single residual head adds its scores into the base logits of every position, which are the output
         buffer. Vocabulary-sized intermediates (softmax weights, a mixture's per-head scores and base logits) are
         formed `chunk_size` positions at a time. The logits come back in the hidden states' dtype. `weighted`
         (n, d_e), for a softmax head: the base's w N of these rows, precomputed (see `BackAttnHead.forward`).
+
+        A contextual head takes its context vectors (..., d_c) as `context`, else reads them from the forward in
+        progress (`live_context`): `samples`, the batch rows x holds (a mixed batch's group), `kept_positions` as
+        in `forward`.
         """
         head = self.backattn_heads[adapter_name]
         config = head.config
+        if head.context is not None and context is None:
+            context = self.live_context(adapter_name, x, samples, kept_positions)
+        if context is not None:
+            context = context.reshape(-1, context.shape[-1])  # (n, d_c)
         frozen = self.frozen_tensors(config)
         needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters())
         rows = x.reshape(-1, x.shape[-1])  # (n, d_in), n = batch * positions
@@ -122,7 +170,9 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
             logits = head.collapsed_forward(rows, base_logits, self._collapsed(adapter_name, frozen), frozen)
         else:
             # The base layer goes in as a function: accelerate's offload hook on the head moves module arguments.
-            logits = head(rows, base_logits, frozen, base_output=self.base_layer.__call__, weighted=weighted)
+            logits = head(
+                rows, base_logits, frozen, base_output=self.base_layer.__call__, weighted=weighted, context=context
+            )
         return logits.to(x.dtype).reshape(*x.shape[:-1], logits.shape[-1])
 
     def weighted_embedding(self, adapter_name: str, hidden: torch.Tensor) -> torch.Tensor:
@@ -152,7 +202,7 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
             if members == [BASE_ADAPTER_NAME]:
                 result = self.base_layer(sub)
             elif len(members) == 1:
-                result = self.head_forward(members[0], sub)
+                result = self.head_forward(members[0], sub, samples=index)
             else:
                 result = self._shared_forward(members, [names[i] for i in index.tolist()], sub)
             if out is None:
@@ -170,7 +220,9 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
             return None
         head = self.backattn_heads[name]
         config = head.config
-        if config.num_heads != 1 or config.logit_weighting != "softmax" or getattr(head, "_hf_hook", None):
+        if config.num_heads != 1 or config.logit_weighting != "softmax" or config.context:
+            return None
+        if getattr(head, "_hf_hook", None):
             return None
         if torch.is_grad_enabled() and any(p.requires_grad for p in head.parameters()):
             return None
@@ -199,6 +251,155 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
         residual = first.config.combine == "residual"
         logits = first.single_head_logits(q_emb, base_logits if residual else None, frozen)
         return logits.to(x.dtype).reshape(*x.shape[:-1], logits.shape[-1])
+
+    # -- the contextual head's inputs and decoding cache --------------------------------------------------------
+
+    def set_taps(self, taps: LayerTaps | None) -> None:
+        self._taps = _Reference(taps)
+
+    def context_states(
+        self,
+        adapter_name: str,
+        taps: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Context vectors (B, T, d_c) of head `adapter_name` for tapped layer outputs `taps` (B, T, L, d_t).
+
+        `attention_mask` (B, P + T): 1 at real tokens, over the P positions of `past` (cached keys and values of the
+        context attention, (B, H_c, P, d_h) each) and the T new ones; None: all real. Also returns the new positions'
+        keys and values (None for a head without context attention). Cached features call it without `past`.
+        """
+        head = self.backattn_heads[adapter_name]
+        batch, length = taps.shape[:2]
+        cached = 0 if past is None else past[0].shape[-2]
+        if attention_mask is None:
+            attention_mask = torch.ones(batch, cached + length, dtype=torch.long, device=taps.device)
+        key_mask = attention_mask.to(taps.device).bool()
+        return head.context(taps, key_mask, rotary_positions(key_mask, length), past)
+
+    def live_context(
+        self,
+        adapter_name: str,
+        x: torch.Tensor,
+        samples: torch.Tensor | None = None,
+        kept_positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Context vectors of head `adapter_name` for the hidden states x this layer got in the model forward in
+        progress, from the layers the hooks recorded (and the head's keys in the decoding cache): (..., d_c) in x's
+        layout. `samples`: which rows of the batch x holds; `kept_positions`: see `forward`."""
+        config = self.backattn_heads[adapter_name].config
+        taps: LayerTaps | None = self._taps.module
+        record = taps.current_record() if taps is not None else None
+        missing = [] if record is None else [i for i in config.context_layers if i not in record.outputs]
+        if record is None or missing:
+            raise ValueError(
+                f"Head {adapter_name!r} reads the base's layers {config.context_layers} (context_layers), but no "
+                "model forward recorded them; call the whole model (or generate), not its output layer alone; for "
+                "cached features pass their context vectors."
+            )
+        if isinstance(record.logits_to_keep, torch.Tensor):
+            raise ValueError(
+                f"Head {adapter_name!r} is contextual and needs logits_to_keep as a number of last positions, not a "
+                "tensor of indices."
+            )
+        tapped = torch.stack([record.outputs[i] for i in config.context_layers], dim=2)  # (B, T, L, d_t)
+        batch, length = tapped.shape[:2]
+        mask, past = self._context_past(adapter_name, record, batch, length)
+        if samples is not None:
+            tapped, mask = (
+                tapped.index_select(0, samples.to(tapped.device)),
+                mask.index_select(0, samples.to(mask.device)),
+            )
+            if past is not None:
+                past = tuple(t.index_select(0, samples.to(t.device)) for t in past)
+        states, new = self.context_states(adapter_name, tapped, mask, past)  # (b, T, d_c)
+        if new is not None and record.cache is not None:
+            self._context_updates[adapter_name] = (new[0].detach(), new[1].detach(), samples)
+        if kept_positions is not None:
+            return states[kept_positions.to(states.device)]  # (n, d_c)
+        kept = x.shape[-2] if x.dim() == 3 else None
+        if kept is None or x.shape[0] != states.shape[0] or kept > length:
+            raise ValueError(
+                f"Head {adapter_name!r} got hidden states of shape {tuple(x.shape)} for a forward over "
+                f"{batch} x {length} positions; a contextual head needs the last positions of each sample."
+            )
+        return states[:, length - kept :]  # the kept last positions (logits_to_keep)
+
+    def _context_past(
+        self, adapter_name: str, record: ForwardRecord, batch: int, length: int
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The attention mask over cached and new positions (B, P + T), and the head's cached keys and values."""
+        cache, slot = record.cache, self._context_slots.get(adapter_name)
+        total = cache.get_seq_length() if cache is not None else length  # the base has added the new positions
+        cached = total - length
+        mask = record.attention_mask
+        if mask is None:
+            mask = torch.ones(batch, total, dtype=torch.long)
+        if mask.dim() != 2 or mask.shape != (batch, total):
+            raise ValueError(
+                f"Head {adapter_name!r} is contextual and needs a 2-D attention_mask of shape (batch, cached + new "
+                f"positions) = {(batch, total)}, got {tuple(mask.shape)}."
+            )
+        if slot is None or cached == 0:
+            return mask, None
+        layer = self._context_cache_layer(cache, slot)
+        have = 0 if layer is None or not layer.is_initialized else layer.get_seq_length()
+        if have != cached:
+            raise ValueError(
+                f"Head {adapter_name!r} keeps its context in the decoding cache, but this cache holds its keys for "
+                f"{have} of the {cached} earlier positions; decode with the cache that a forward with this head made "
+                "(start generation with it)."
+            )
+        return mask, (layer.keys, layer.values)
+
+    def _context_cache_layer(self, cache: Cache, slot: int) -> DynamicLayer | None:
+        index = len(self._taps.module.layers) + slot
+        return cache.layers[index] if index < len(cache.layers) else None
+
+    def _write_context_cache(self, x: torch.Tensor) -> None:
+        """Append this forward's context keys and values to the decoding cache, one cache layer per contextual head,
+        after the base's own layers. Each slot holds every sample of the batch (zeros where another head ran), so
+        that the cache's own batch operations (beam reordering, dropping and merging rows) keep it aligned."""
+        taps: LayerTaps | None = self._taps.module
+        record = taps.current_record() if taps is not None else None
+        if not self._context_slots or record is None or record.cache is None or not record.outputs:
+            return
+        cache = record.cache
+        if not isinstance(cache, DynamicCache):
+            raise ValueError(
+                f"Contextual heads keep their keys in a DynamicCache, got {type(cache).__name__}; generate with the "
+                "default cache (no cache_implementation)."
+            )
+        batch = next(iter(record.outputs.values())).shape[0]
+        length = next(iter(record.outputs.values())).shape[1]
+        cached = cache.get_seq_length() - length
+        for name, slot in self._context_slots.items():
+            update = self._context_updates.get(name)
+            layer = self._context_cache_layer(cache, slot)
+            if update is None and (layer is None or not layer.is_initialized):
+                continue  # this head never ran on this cache
+            config = self.backattn_heads[name].config
+            shape = (batch, config.context_heads, length, config.context_dim // config.context_heads)
+            dtype = self.backattn_heads[name].context.tap_proj.dtype
+            keys = torch.zeros(shape, dtype=dtype, device=x.device)
+            values = torch.zeros_like(keys)
+            if update is not None:
+                new_keys, new_values, samples = update
+                if samples is None:
+                    keys, values = new_keys.to(dtype), new_values.to(dtype)
+                else:
+                    keys.index_copy_(0, samples.to(x.device), new_keys.to(dtype))
+                    values.index_copy_(0, samples.to(x.device), new_values.to(dtype))
+            while len(cache.layers) <= len(taps.layers) + slot:
+                cache.layers.append(DynamicLayer())
+            index = len(taps.layers) + slot
+            if cache.layers[index].get_seq_length() != cached:
+                # A slot left behind while its head did not run (or never written): none of its rows is this head's.
+                cache.layers[index] = DynamicLayer()
+                past = torch.zeros((*shape[:2], cached, shape[3]), dtype=dtype, device=x.device)
+                cache.layers[index].update(past, torch.zeros_like(past))
+            cache.layers[index].update(keys, values)
 
     # -- merging ----------------------------------------------------------------------------------------------
 
@@ -269,9 +470,12 @@ def check_mergeable(adapter_name: str, config: BackAttnConfig) -> None:
         reasons.append(f"query_activation={config.query_activation!r}")
     if config.num_heads != 1:
         reasons.append(f"num_heads={config.num_heads}")
+    if config.context:
+        reasons.append("context=True: it reads the base's layers and earlier positions")
     raise ValueError(
         f"Head {adapter_name!r} cannot be merged: it is not linear ({', '.join(reasons)}). Merging needs "
-        "logit_weighting='raw', query_activation=None and num_heads=1; keep the head unmerged, or unload() it."
+        "logit_weighting='raw', query_activation=None, num_heads=1 and no context; keep the head unmerged, or "
+        "unload() it."
     )
 
 

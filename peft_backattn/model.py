@@ -19,6 +19,7 @@ from ._files import check_head_tensor
 from ._peft_type import PREFIX
 from .caches import offload_device
 from .config import BackAttnConfig
+from .context import default_context_layers
 from .layer import (
     BASE_ADAPTER_NAME,
     BackAttnLayer,
@@ -27,6 +28,7 @@ from .layer import (
     expand_adapter_names,
     output_layer_shape,
 )
+from .taps import LayerTaps, decoder_output_width, find_decoder_layers
 from .tying import forget_broken_ties, hold_ties, restore_ties, retarget_tied_weights
 
 
@@ -56,6 +58,23 @@ class BackAttnModel(BaseTuner):
         check_base_compatibility(peft_config, self.model)
         return peft_config
 
+    def _layer_taps(self) -> LayerTaps:
+        """The hooks that record what contextual heads read (taps.py): one set per model, made at first need."""
+        taps = self.__dict__.get("_taps")
+        if taps is None:
+            taps = self.__dict__["_taps"] = LayerTaps(self.model, find_decoder_layers(self.model))
+        return taps
+
+    def _update_taps(self) -> None:
+        """Record exactly the layers the contextual heads read; with none, no hook stays registered."""
+        wanted = {i for config in self.peft_config.values() if config.context for i in config.context_layers}
+        if not wanted and "_taps" not in self.__dict__:
+            return
+        taps = self._layer_taps()
+        taps.record_layers(wanted)
+        for layer in self._backattn_layers():
+            layer.set_taps(taps if wanted else None)
+
     @staticmethod
     def _check_target_module_exists(peft_config: BackAttnConfig, key: str) -> bool:
         return key == peft_config.head_module
@@ -72,12 +91,13 @@ class BackAttnModel(BaseTuner):
     ) -> None:
         if isinstance(target, BackAttnLayer):
             target.update_layer(adapter_name, peft_config)
-            return
-        new_module = BackAttnLayer(target, input_embeddings_of(self.model), adapter_name, peft_config)
-        if adapter_name not in self.active_adapters:
-            new_module.requires_grad_(False)
-        self._replace_module(parent, target_name, new_module, target)
-        retarget_tied_weights(self.model, current_key, wrapped=True)
+        else:
+            new_module = BackAttnLayer(target, input_embeddings_of(self.model), adapter_name, peft_config)
+            if adapter_name not in self.active_adapters:
+                new_module.requires_grad_(False)
+            self._replace_module(parent, target_name, new_module, target)
+            retarget_tied_weights(self.model, current_key, wrapped=True)
+        self._update_taps()
 
     def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
         super().merge_adapter(*args, **kwargs)
@@ -103,6 +123,8 @@ class BackAttnModel(BaseTuner):
         """Unwrap the output layer and give transformers' tie mappings their own keys back; after a merge the output
         layer has its own matrix and stays untied (PEFT sets `tie_word_embeddings=False`)."""
         wrapped = [name for name, _ in self._wrapped_layers()]
+        if "_taps" in self.__dict__:
+            self.__dict__.pop("_taps").remove_hooks()
         for name in wrapped:
             restore_ties(self.model, self.__dict__.get("_held_ties", {}).pop(name, []))
         model = super()._unload_and_optionally_merge(*args, **kwargs)
@@ -143,6 +165,7 @@ class BackAttnModel(BaseTuner):
     def delete_adapter(self, adapter_name: str) -> None:
         self._check_known_heads([adapter_name])
         super().delete_adapter(adapter_name)
+        self._update_taps()
 
     def forward(
         self,
@@ -254,6 +277,15 @@ class BackAttnModel(BaseTuner):
             self._adapter_names_call = None
             for handle in handles:
                 handle.remove()
+
+    @classmethod
+    def _remove_adapter_name_from_key(cls, key: str, adapter_name: str) -> str:
+        """`...backattn_heads.<name>.<param>` -> `...backattn_heads.<param>`, at any depth: PEFT's default finds the
+        name only last or second to last, and a contextual head's context path nests one level deeper."""
+        marker = f".backattn_heads.{adapter_name}."
+        if marker in key:
+            return key.replace(marker, ".backattn_heads.", 1)
+        return super()._remove_adapter_name_from_key(key, adapter_name)
 
     @classmethod
     def _remap_adapter_state_dict_for_load(
@@ -369,3 +401,34 @@ def check_base_compatibility(config: BackAttnConfig, model: nn.Module) -> None:
             f"and embedding size {actual[2]}; load it onto the base it was trained on."
         )
     config.base_vocab_size, config.base_hidden_size, config.base_embedding_dim = actual
+    if config.context:
+        check_context_layers(config, model)
+
+
+def check_context_layers(config: BackAttnConfig, model: nn.Module) -> None:
+    """Find the decoder layers a contextual head reads and resolve `context_layers` to non-negative indices (or check
+    the recorded ones); raises before any change."""
+    layers = find_decoder_layers(model)
+    if layers is None:
+        raise ValueError(
+            f"BackAttnConfig.context_layers: found no stack of decoder layers in {type(model).__name__} (an "
+            "nn.ModuleList with config.num_hidden_layers entries) to read; use context=False with this model."
+        )
+    count, width = len(layers), decoder_output_width(model)
+    if config.base_num_layers is not None and (config.base_num_layers, config.base_context_width) != (count, width):
+        raise ValueError(
+            f"This contextual head reads {config.base_num_layers} decoder layers of width "
+            f"{config.base_context_width}, but this model has {count} of width {width}; load it onto the base it "
+            "was trained on."
+        )
+    chosen = config.context_layers if config.context_layers is not None else default_context_layers(count)
+    bad = [i for i in chosen if not -count <= i < count]
+    if bad:
+        raise ValueError(
+            f"BackAttnConfig.context_layers={chosen} names layer {bad[0]}, but the model has {count} decoder layers "
+            f"(indices 0 to {count - 1}, or -1 to -{count})."
+        )
+    resolved = [i % count for i in chosen]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"BackAttnConfig.context_layers={chosen} names one layer twice ({resolved}).")
+    config.context_layers, config.base_num_layers, config.base_context_width = resolved, count, width

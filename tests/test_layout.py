@@ -124,17 +124,21 @@ def test_the_method_never_imports_the_workbench_or_the_command_line(path):
     assert not leaks, f"{path.name} (the method) imports {leaks}"
 
 
-def test_the_heads_math_imports_only_torch_and_the_config():
-    """head.py is the math alone: no cache, PEFT or accelerate code, not even for type hints."""
-    path = PACKAGE / "head.py"
+@pytest.mark.parametrize(
+    ("name", "allowed"),
+    [("head", {"peft_backattn.config", "peft_backattn.context"}), ("context", {"peft_backattn.config"})],
+)
+def test_the_heads_math_imports_only_torch_and_the_config(name, allowed):
+    """head.py and context.py are the math alone: no cache, PEFT or accelerate code, not even for type hints."""
+    path = PACKAGE / f"{name}.py"
     known = {module_name(p) for p in PACKAGE.rglob("*.py")}
     tree = ast.parse(path.read_text())
     imports = [node for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))]
-    package = {m for node in imports for m in resolve("peft_backattn.head", False, node) if m in known}
-    assert package == {"peft_backattn.config"}, f"head.py imports {sorted(package)}"
+    package = {m for node in imports for m in resolve(f"peft_backattn.{name}", False, node) if m in known}
+    assert package == allowed, f"{name}.py imports {sorted(package)}"
     outside = {m.split(".")[0] for node in imports if getattr(node, "level", 0) == 0 for m in resolve("", False, node)}
     libraries = outside - set(sys.stdlib_module_names)
-    assert libraries == {"torch"}, f"head.py imports {sorted(libraries)}"
+    assert libraries == {"torch"}, f"{name}.py imports {sorted(libraries)}"
 
 
 def method_members() -> set[str]:

@@ -246,13 +246,23 @@ def test_a_taken_name_is_refused(tiny):
         bank.load(" soft ", folders["soft2"])
 
 
-def test_a_head_that_reads_more_than_the_logits_is_refused(tiny, monkeypatch):
-    """No such head exists today: a math field added to the loader's list but unknown to the processor stands for
-    one (a contextual head), and must be refused at load rather than computed from the logits alone."""
-    base_dir, folders = tiny
-    monkeypatch.setattr("peft_backattn.vllm.bank.CONFIG_FIELDS", (*CONFIG_FIELDS, "context_window"))
+def test_a_contextual_head_is_refused(tiny, tmp_path):
+    """A contextual head reads the base's layers, which a logits processor never sees: refused at load rather than
+    computed from the logits alone."""
+    base_dir, _ = tiny
+    folder = save_heads(base_dir, {"ctx": BackAttnConfig(r=8, context=True, context_dim=16)}, tmp_path)["ctx"]
     bank = bank_for(base_dir, {})
-    with pytest.raises(ValueError, match="has context_window=None, which the vLLM processor does not implement"):
+    with pytest.raises(ValueError, match="has context=True, which the vLLM processor does not implement"):
+        bank.load("ctx", folder)
+    assert bank.heads == {}
+
+
+def test_a_math_field_the_processor_does_not_know_is_refused(tiny, monkeypatch):
+    """A field added to the loader's list but unknown to the processor (a future head kind) is refused at load."""
+    base_dir, folders = tiny
+    monkeypatch.setattr("peft_backattn.vllm.bank.CONFIG_FIELDS", (*CONFIG_FIELDS, "copy_term"))
+    bank = bank_for(base_dir, {})
+    with pytest.raises(ValueError, match="has copy_term=None, which the vLLM processor does not implement"):
         bank.load("soft", folders["soft"])
     assert bank.heads == {}
 

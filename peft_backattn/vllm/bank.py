@@ -44,6 +44,14 @@ LOGITS_ONLY_VALUES: dict[str, tuple | None] = {
     "base_hidden_size": None,
     "base_vocab_size": None,
     "combine": COMBINE_MODES,
+    "context": (False,),  # a contextual head reads the base's layers, which a logits processor never sees
+    "context_attention": None,  # the other context fields: any value, unused without context
+    "context_dim": None,
+    "context_heads": None,
+    "context_layers": None,
+    "context_window": None,
+    "base_context_width": None,
+    "base_num_layers": None,
     "head_module": None,
     "logit_weighting": LOGIT_WEIGHTINGS,
     "num_heads": None,
