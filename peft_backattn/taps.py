@@ -50,8 +50,8 @@ def decoder_output_width(model: nn.Module) -> int:
 class LayerTaps:
     """The hooks of one model and the record of its forward in progress.
 
-    `record_layers(indices)` records exactly those decoder layers (an empty set removes every hook); `current_record()` is what the
-    current forward has recorded so far, for the output layer, which runs last.
+    `record_layers(indices)` records exactly those decoder layers (an empty set removes every hook);
+    `current_record()` is what the current forward has recorded so far, for the output layer, which runs last.
     """
 
     def __init__(self, model: nn.Module, layers: nn.ModuleList) -> None:

@@ -325,3 +325,28 @@ def test_loading_onto_a_base_of_other_depth_is_refused(tmp_path):
     deeper.config.num_hidden_layers = 3
     with pytest.raises(ValueError, match="reads 2 decoder layers of width 32, but this model has 3 of width 32"):
         PeftModel.from_pretrained(deeper, tmp_path)
+
+
+# -- training ----------------------------------------------------------------------------------------------------
+
+
+def test_training_on_scored_positions_equals_the_full_loss(input_ids):
+    """The Trainer's scored-positions path (output layer on the trained rows only) picks each row's context vector
+    by the same mask: its loss and gradients equal the model's own causal-LM loss over every position."""
+    from peft_backattn.workbench.scored_positions import only_trained_positions, scored_positions_loss
+
+    model = contextual("llama", context_window=4)
+    ids, mask = left_padded(input_ids, [0, 2, 4])
+    labels = ids.clone()
+    labels[:, :5] = -100  # a prompt of 5 tokens is not trained
+    head = output_layer(model).backattn_heads["default"]
+    with only_trained_positions(output_layer(model), labels):
+        scored = scored_positions_loss(model(input_ids=ids, attention_mask=mask), labels)
+    scored.backward()
+    fast = {name: p.grad.clone() for name, p in head.named_parameters()}
+    head.zero_grad()
+    full = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    full.backward()
+    torch.testing.assert_close(scored, full)
+    for name, p in head.named_parameters():
+        torch.testing.assert_close(fast[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)

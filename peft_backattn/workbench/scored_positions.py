@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import Trainer
 
+from ..layer import BackAttnLayer
 from .data import IGNORE_INDEX
 
 
@@ -66,6 +67,8 @@ def only_trained_positions(
         if collect is not None:
             collect(rows)
             rows = rows[:0]  # (0, d)
+        if isinstance(module, BackAttnLayer):  # a contextual head picks its context vectors by the same mask
+            kwargs = kwargs | {"kept_positions": mask if collect is None else mask & False}
         return (rows, *args[1:]), kwargs
 
     handle = output_layer.register_forward_pre_hook(keep_trained_rows, with_kwargs=True)
