@@ -15,12 +15,17 @@ methods on equal terms.
 sequences (the base runs, the output layer on the trained positions only), or cached features (`workbench.features`:
 the hidden states of trained positions, computed once; the output layer runs on them alone). Both go through the
 model's forward, so a wrapper such as DDP sees every step.
+
+With `kl_to_base` = λ > 0 (a backattn head only), the loss adds λ KL(p_base || p_model) at the same positions,
+where p_base is the frozen base layer's distribution of the same rows the head scores: one extra vocabulary product
+per trained position and no second base forward (`_KLSides`). It keeps the head's distribution near the base's
+where the training data gives it no reason to leave, for a head that must not lose what the base does elsewhere.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import torch
@@ -29,6 +34,7 @@ from torch import nn
 from transformers import Trainer
 
 from ..layer import BackAttnLayer
+from ..validation import non_negative_number
 from .data import IGNORE_INDEX
 
 
@@ -96,19 +102,111 @@ def scored_positions_loss(
     return total / count
 
 
+# The weight of the KL term: `TrainingOptions.kl_to_base` checks it with this, and so does the trainer.
+KL_TO_BASE_WEIGHT = non_negative_number.saying("a finite number >= 0 (0: off)")
+_KL_TO_BASE_OPTION = "--kl-to-base (kl_to_base)"
+
+
+def check_kl_to_base(model: nn.Module, kl_to_base: float) -> BackAttnLayer | None:
+    """The backattn layer whose head the KL term keeps near its base (None when `kl_to_base` is 0); a one-line
+    ValueError for a weight that is no finite number >= 0, or for a model whose output layer holds no backattn head."""
+    KL_TO_BASE_WEIGHT(kl_to_base, _KL_TO_BASE_OPTION)
+    if not kl_to_base:
+        return None
+    output_layer = model.get_output_embeddings()
+    if not isinstance(output_layer, BackAttnLayer):
+        raise ValueError(
+            f"{_KL_TO_BASE_OPTION} keeps a backattn head near its base, but this model's output layer is a "
+            f"{type(output_layer).__name__}, not a backattn head; leave it at 0 for other methods (LoRA, ...)."
+        )
+    return output_layer
+
+
+def kl_to_base_sum(logits: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over the rows of KL(softmax(base_logits) || softmax(logits)), both (n, V), in float as the cross-entropy."""
+    return F.kl_div(
+        F.log_softmax(logits.float(), dim=-1),
+        F.log_softmax(base_logits.float(), dim=-1),
+        reduction="sum",
+        log_target=True,
+    )
+
+
+class _KLSides:
+    """The two sides of the KL term for one training batch, caught as the model's forward makes them.
+
+    `head`: the output layer's logits of the rows it was given (its active head's, with gradient); `base`: its
+    frozen base layer's logits of the same rows, without gradient. Token batches: a forward hook on the output layer
+    sees the rows `only_trained_positions` kept, and the layer's output. Cached features: the rows are
+    `cached_hidden`, and the model's logits of them are the output layer's already (`head` stays None: the scored
+    logits). The output layer's own logits, not the model's: a base that rescales its logits after the output layer
+    (soft-capping) would rescale the head's side and not the base's.
+    """
+
+    def __init__(self, layer: BackAttnLayer) -> None:
+        self.layer = layer
+        self.head: torch.Tensor | None = None  # (n, V)
+        self.base: torch.Tensor | None = None  # (n, V)
+        self.catching = False
+
+    def base_logits(self, rows: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.layer.get_base_layer()(rows)  # (n, V)
+
+    @contextmanager
+    def caught(self, cached_hidden: torch.Tensor | None = None) -> Iterator[None]:
+        """While inside, the forward's two sides are caught for `take`; they are forgotten on the way out."""
+
+        def catch(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            self.head, self.base = output, self.base_logits(args[0])
+
+        handle = None
+        if cached_hidden is None:
+            handle = self.layer.register_forward_hook(catch)
+        else:
+            self.base = self.base_logits(cached_hidden)
+        self.catching = True
+        try:
+            yield
+        finally:
+            if handle is not None:
+                handle.remove()
+            self.head = self.base = None
+            self.catching = False
+
+    def take(self) -> tuple[torch.Tensor | None, torch.Tensor] | None:
+        """(head, base) of the forward just run, and forgotten here (freed after the loss); None outside `caught`."""
+        if not self.catching:
+            return None
+        if self.base is None:
+            raise RuntimeError(
+                "The KL term's base logits were not caught: the output layer did not run in this forward."
+            )
+        sides = self.head, self.base
+        self.head = self.base = None
+        return sides
+
+
 class ScoredPositionsTrainer(Trainer):
     """The HF Trainer, with the output layer run in training only on the positions whose label is trained.
 
     Batches of token sequences (`input_ids`, `attention_mask`, `labels`) run the model with the output layer on
     the trained positions only; batches of cached features (`cached_hidden`, `labels`, [`cached_weighted`], from
     `features.FeatureCollator`) run the output layer alone, through the same forward (`BackAttnModel.forward`).
-    Both are scored by `scored_positions_loss`. Everything else is the Trainer's own: the model's forward (through
-    DDP or DeepSpeed when launched so), counting the targets and scaling the loss across accumulated batches and
-    processes, checkpoints. Evaluation runs the full forward.
+    Both are scored by `scored_positions_loss`, plus `kl_to_base` times the KL term (`kl_to_base_sum`) in training
+    when it is positive: summed over the same positions and divided by the same count. Everything else is the
+    Trainer's own: the model's forward (through DDP or DeepSpeed when launched so), counting the targets and scaling
+    the loss across accumulated batches and processes, checkpoints. Evaluation runs the full forward and scores the
+    cross-entropy alone.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, compute_loss_func=scored_positions_loss, **kwargs)
+    def __init__(self, *args: Any, kl_to_base: float = 0.0, **kwargs: Any) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        layer = check_kl_to_base(model, kl_to_base)
+        self.kl_to_base = kl_to_base
+        self.kl_sides = _KLSides(layer) if layer is not None else None
+        loss = self.scored_loss_with_kl if self.kl_sides is not None else scored_positions_loss
+        super().__init__(*args, compute_loss_func=loss, **kwargs)
 
     def compute_loss(
         self,
@@ -117,8 +215,27 @@ class ScoredPositionsTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        if not model.training or "labels" not in inputs or "cached_hidden" in inputs:  # the last: no base forward
+        if not model.training or "labels" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        output_layer = self.accelerator.unwrap_model(model).get_output_embeddings()
-        with only_trained_positions(output_layer, inputs["labels"]):
+        with ExitStack() as stack:
+            cached = "cached_hidden" in inputs  # the output layer alone, no base forward
+            if not cached:
+                output_layer = self.accelerator.unwrap_model(model).get_output_embeddings()
+                stack.enter_context(only_trained_positions(output_layer, inputs["labels"]))
+            if self.kl_sides is not None:
+                stack.enter_context(self.kl_sides.caught(inputs["cached_hidden"] if cached else None))
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+    def scored_loss_with_kl(
+        self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """`scored_positions_loss` + kl_to_base * KL(p_base || p_model) / the same count (training batches only)."""
+        loss = scored_positions_loss(outputs, labels, num_items_in_batch)
+        sides = self.kl_sides.take()
+        if sides is None:  # evaluation: the cross-entropy alone
+            return loss
+        head, base = sides
+        if head is None:  # cached rows: the scored logits are the output layer's
+            head = outputs["logits"] if isinstance(outputs, dict) else outputs[0]
+        count = num_items_in_batch if num_items_in_batch is not None else trained_targets(labels).numel()
+        return loss + self.kl_to_base * kl_to_base_sum(head, base.to(head.device)) / count

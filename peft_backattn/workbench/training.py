@@ -71,7 +71,7 @@ from .saving import (
     save_head,
     unwritten_checkpoint_file,
 )
-from .scored_positions import ScoredPositionsTrainer
+from .scored_positions import KL_TO_BASE_WEIGHT, ScoredPositionsTrainer, check_kl_to_base
 
 MAX_LENGTH = 256  # tokens per example where `max_length` is not given (fewer on a base that takes fewer)
 
@@ -123,6 +123,16 @@ class TrainingOptions:
         metadata={
             "help": "clip the gradient norm to this value",
             "check": non_negative_number.saying("a finite number >= 0 (0: no clipping)"),
+        },
+    )
+    kl_to_base: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of a KL term toward the frozen base: the loss is the cross-entropy + this x KL(base || "
+            "head) at the trained positions, which keeps the head's next-token distribution near the base's; use it "
+            "when the head must not lose what the base does well on data unlike the training data (a backattn head "
+            "only; one more vocabulary product per trained position; 0: off)",
+            "check": KL_TO_BASE_WEIGHT,
         },
     )
     max_length: int | None = field(
@@ -443,6 +453,9 @@ def train_head(
     folder (or reused, see `workbench.features`) and every epoch trains the head alone on them, `batch_size`
     examples' worth of positions per step; the feature pass counts toward `time_budget_seconds`.
 
+    With `options.kl_to_base` > 0 the loss adds that weight times KL(base || head) at the trained positions
+    (`ScoredPositionsTrainer`); a model whose output layer holds no backattn head is refused before anything is done.
+
     `callbacks` are HF `TrainerCallback`s, run after the run's own (divergence check, time budget), as
     `Trainer(callbacks=...)` takes them: to watch or snapshot the run, or to stop it early.
     """
@@ -453,6 +466,7 @@ def train_head(
     check_writable(output, option_name(TrainingOptions, "output_dir"))
     streamed = isinstance(examples, IterableDataset)
     check_streaming(options, streamed)
+    check_kl_to_base(model, options.kl_to_base)
     arguments = options.training_arguments()
     main_process = arguments.process_index == 0
     if options.max_length is None:  # not chosen: the default, or the base's positions where it takes fewer
@@ -522,6 +536,7 @@ def train_head(
             train_dataset=train_dataset,
             data_collator=collator,
             callbacks=callbacks,
+            kl_to_base=options.kl_to_base,
         )
         if not options.progress_bar:
             trainer.remove_callback(PrinterCallback)  # _LossPrinter prints instead of the raw log dictionaries
@@ -601,6 +616,8 @@ def card_training_details(
         "examples read": truncation.total,
         "examples truncated / dropped": f"{truncation.truncated} / {truncation.dropped}",
     }
+    if options.kl_to_base:
+        details["KL-to-base weight"] = options.kl_to_base
     if stream_passes is not None:
         repeated = " (--repeat-stream)" if options.repeat_stream else ""
         details["passes over the streamed data"] = f"{stream_passes:.1f}{repeated}"
