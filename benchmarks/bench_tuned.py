@@ -2,6 +2,8 @@
 
     python bench_tuned.py sweep                      # learning rate (and the head's init_std) per method
     python bench_tuned.py compare --minutes 4 --seeds 0 1 2
+    python bench_tuned.py sweep --methods "contextual head" "contextual, taps only" --sweep-output context_sweep
+    python bench_tuned.py compare --methods "contextual head" "lora r=8 q,k,v,o, top 3 layers" --output context_tuned
 
 `sweep` trains each grid point for a fixed number of steps (about what 4 quiet minutes buy each method, so that a
 loaded machine changes the time, not the result) on GSM8K train without its last 300 problems, and scores the
@@ -38,15 +40,27 @@ from peft_backattn.workbench.training import TrainingOptions, train_head
 
 VALIDATION_PROBLEMS = 300  # the last problems of GSM8K train: held out from training, used only to choose
 HEAD, LORA = "head (default config)", "lora r=8 q,k,v,o"
-ATTACH = {HEAD: "backattn softmax residual", LORA: "lora r=8"}
+CONTEXT, LORA_TOP3 = "contextual head", "lora r=8 q,k,v,o, top 3 layers"
+# The contextual head's variants (issue 20's ablations): each a method of its own, so that each gets its own rate.
+CONTEXT_VARIANTS = {
+    CONTEXT: "backattn contextual",
+    "contextual, taps only": "backattn contextual taps only",
+    "contextual, last layer only": "backattn contextual last layer",
+    "contextual, context_dim 64": "backattn contextual d64",
+    "contextual, context_dim 256": "backattn contextual d256",
+    "contextual, kl_to_base 1": "backattn contextual",
+}
+ATTACH = {HEAD: "backattn softmax residual", LORA: "lora r=8", LORA_TOP3: "lora r=8 top3", **CONTEXT_VARIANTS}
+KL_TO_BASE = {"contextual, kl_to_base 1": 1.0}  # TrainingOptions.kl_to_base per method (default 0)
 # Steps per sweep run: about what 4 minutes buy each method on 2 quiet cores with trained-positions-only training.
-SWEEP_STEPS = {HEAD: 60, LORA: 30}
+SWEEP_STEPS = {HEAD: 60, LORA: 30, LORA_TOP3: 60} | dict.fromkeys(CONTEXT_VARIANTS, 60)
 SWEEP_GRID = {
     # (learning rate, init_std), both spreads named on purpose: the sweep compared GPT-2's customary 0.02 with 0.1 (the
     # config's default since). 1e-2 diverged at init_std 0.02 (loss 8.9 at step 3), so not tried at 0.1
     HEAD: [(1e-3, 0.02), (3e-3, 0.02), (1e-2, 0.02), (1e-3, 0.1), (3e-3, 0.1)],
     LORA: [(lr, None) for lr in (1e-3, 3e-3)],
-}
+    LORA_TOP3: [(lr, None) for lr in (1e-3, 3e-3)],
+} | dict.fromkeys(CONTEXT_VARIANTS, [(1e-3, 0.1), (3e-3, 0.1)])
 
 
 def train(method: str, lr: float, init_std: float | None, seed: int, examples, tokenizer, steps: int,
@@ -60,13 +74,14 @@ def train(method: str, lr: float, init_std: float | None, seed: int, examples, t
         options = TrainingOptions(
             output_dir=work, max_steps=steps, batch_size=8, learning_rate=lr, max_length=256, seed=seed,
             logging_steps=1, save_steps=100_000, time_budget_seconds=seconds, progress_bar=False, save_final=False,
+            kl_to_base=KL_TO_BASE.get(method, 0.0),
         )  # fmt: skip
         report = train_head(model, tokenizer, examples, options, [snapshots] if snapshots else [])
     return model.eval(), report
 
 
 def sweep(args, tokenizer, train_examples, validation) -> None:
-    path = RESULTS / "sweep.json"
+    path = RESULTS / f"{args.sweep_output}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results["settings"] = vars(args) | {"steps": SWEEP_STEPS, "base": EMBEDDED_DEFAULT}
     runs = results.setdefault("runs", [])
@@ -77,6 +92,8 @@ def sweep(args, tokenizer, train_examples, validation) -> None:
         for lr, init_std in SWEEP_GRID[method]:
             if any(r["method"] == method and r["lr"] == lr and r["init_std"] == init_std for r in runs):
                 continue
+            if args.lrs and lr not in args.lrs:
+                continue
             print(f"== sweep {method}, lr {lr:g}, init_std {init_std}", file=sys.stderr, flush=True)
             model, report = train(method, lr, init_std, 0, train_examples, tokenizer, SWEEP_STEPS[method], None)
             nll, tokens, _ = target_nll(model, tokenizer, validation, max_length=512, batch_size=8, progress=False)
@@ -85,15 +102,18 @@ def sweep(args, tokenizer, train_examples, validation) -> None:
                 "train_seconds": report.seconds, "losses": report.losses,
                 "validation_perplexity": perplexity(nll, tokens), "validation_tokens": tokens,
             })  # fmt: skip
-            save_result("sweep", results)
+            save_result(args.sweep_output, results)
             del model
             gc.collect()
 
 
-def best_point(method: str) -> tuple[float, float | None]:
-    runs = [r for r in json.loads((RESULTS / "sweep.json").read_text())["runs"] if r["method"] == method]
+def best_point(method: str, sweep_output: str = "sweep") -> tuple[float, float | None]:
+    runs = []
+    for name in dict.fromkeys(["sweep", sweep_output]):
+        if (RESULTS / f"{name}.json").exists():
+            runs += [r for r in json.loads((RESULTS / f"{name}.json").read_text())["runs"] if r["method"] == method]
     if not runs:
-        sys.exit(f"no sweep runs for {method!r} in benchmarks/results/sweep.json: run `bench_tuned.py sweep` first")
+        sys.exit(f"no sweep runs for {method!r} in benchmarks/results/{sweep_output}.json: run `bench_tuned.py sweep`")
     best = min(runs, key=lambda r: r["validation_perplexity"])
     return best["lr"], best["init_std"]
 
@@ -146,9 +166,10 @@ def compare(args, tokenizer, train_examples, data) -> None:
     path = RESULTS / f"{args.output}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     chosen = {HEAD: (args.head_lr, args.head_init_std), LORA: (args.lora_lr, None)}
+    chosen = {method: chosen.get(method, (None, None)) for method in args.methods}
     for method, (lr, _) in chosen.items():
         if lr is None:
-            chosen[method] = best_point(method)
+            chosen[method] = best_point(method, args.sweep_output)
     results["settings"] = vars(args) | {"base": EMBEDDED_DEFAULT, "chosen": {m: list(p) for m, p in chosen.items()}}
     runs = results.setdefault("runs", [])
     generate_at = set(args.minutes if args.gen_at is None else args.gen_at)
@@ -212,7 +233,9 @@ def answer_missing(args, tokenizer, data, results, generate_at: set, chosen: dic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("mode", choices=["sweep", "compare"])
-    parser.add_argument("--methods", nargs="+", default=[HEAD, LORA], choices=[HEAD, LORA])
+    parser.add_argument("--methods", nargs="+", default=[HEAD, LORA], choices=list(ATTACH))
+    parser.add_argument("--sweep-output", default="sweep", help="sweep results file name in benchmarks/results")
+    parser.add_argument("--lrs", type=float, nargs="+", help="sweep: only these grid learning rates")
     parser.add_argument("--validation", type=int, default=150, help="held-out training problems scored in sweep")
     parser.add_argument("--minutes", type=float, nargs="+", default=[4.0], help="wall-clock budgets (compare)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds: init and data order")

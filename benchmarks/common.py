@@ -33,6 +33,11 @@ HEAD_MODES = {
     "backattn raw replace (original)": dict(logit_weighting="raw", combine="replace"),
     "backattn softmax residual": dict(logit_weighting="softmax", combine="residual"),
     "backattn mixture x4": dict(logit_weighting="softmax", combine="residual", num_heads=4),
+    "backattn contextual": dict(context=True),
+    "backattn contextual taps only": dict(context=True, context_attention=False),
+    "backattn contextual last layer": dict(context=True, context_layers=[-1]),
+    "backattn contextual d64": dict(context=True, context_dim=64),
+    "backattn contextual d256": dict(context=True, context_dim=256),
 }
 LORA_TARGETS = {"gpt2": ["c_attn", "attn.c_proj"], "llama": ["q_proj", "k_proj", "v_proj", "o_proj"]}
 
@@ -64,9 +69,13 @@ def attach(base: nn.Module, method: str, r: int = 64, seed: int = 0, init_std: f
         spread = {} if init_std is None else {"init_std": init_std}
         return get_peft_model(model, BackAttnConfig(r=r, **HEAD_MODES[method], **spread))
     if method.startswith("lora"):
-        rank = int(method.split("r=")[1])
+        rank = int(method.split("r=")[1].split()[0])
         targets = LORA_TARGETS[model.config.model_type]
-        config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0)
+        # "top3": the last three decoder layers only (the cheapest LoRA, next to the head)
+        layers = list(range(model.config.num_hidden_layers))[-3:] if method.endswith("top3") else None
+        config = LoraConfig(
+            r=rank, lora_alpha=2 * rank, target_modules=targets, lora_dropout=0.0, layers_to_transform=layers
+        )
         return get_peft_model(model, config)
     if method == "output head":
         return untied_trainable_output_head(model)

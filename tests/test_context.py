@@ -350,3 +350,25 @@ def test_training_on_scored_positions_equals_the_full_loss(input_ids):
     torch.testing.assert_close(scored, full)
     for name, p in head.named_parameters():
         torch.testing.assert_close(fast[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_contextual_head_on_a_four_bit_base(tmp_path, input_ids):
+    """The hooks read a quantised base's layers as any other: the logits equal the reference, decoding with the cache
+    equals the naive loop, and the head trains."""
+    pytest.importorskip("bitsandbytes")
+    from test_training import four_bit_base
+
+    base, _ = four_bit_base(tmp_path / "base", packed=False)
+    model = get_peft_model(base, BackAttnConfig(**SMALL)).eval()
+    randomize_heads(model)
+    ids, mask = left_padded(input_ids, [0, 2, 4])
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits
+    real = mask.bool()
+    torch.testing.assert_close(logits[real].double(), reference_for(model, ids, mask)[real], rtol=1e-4, atol=1e-4)
+    prompt = input_ids[:1, :4]
+    out = model.generate(input_ids=prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False, pad_token_id=1)
+    assert torch.equal(out, greedy_without_cache(model, prompt, 5))
+    loss = model(input_ids=input_ids, labels=input_ids).loss
+    loss.backward()
+    assert output_layer(model).backattn_heads["default"].context_to_query.grad.abs().sum() > 0
