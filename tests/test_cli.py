@@ -460,3 +460,25 @@ def test_module_entry_point_and_console_script():
     script = shutil.which("peft-backattn")
     if script is not None:
         assert subprocess.run([script, "--version"], capture_output=True, text=True).returncode == 0
+
+
+def test_a_contextual_head_trains_evaluates_and_answers_from_the_command_line(tiny_lm_dir, tmp_path, capsys):
+    """The context fields reach `train` through the generated options like every other config field; the saved head
+    is contextual, with the layers resolved, and eval and generate run it (generate with its own decoding cache)."""
+    output = tmp_path / "ctx_head"
+    extra = ["--context", "--context-layers", "0", "-1", "--context-dim", "16", "--context-heads", "2"]
+    assert train(tiny_lm_dir, output, "--steps", "2", "--kl-to-base", "0.5", *extra) == 0
+    config = json.loads((output / "adapter_config.json").read_text())
+    assert (config["context"], config["context_layers"], config["context_dim"]) == (True, [0, 1], 16)
+    assert any(".context." in key for key in load_file(output / "adapter_model.safetensors"))
+    capsys.readouterr()
+    assert (
+        run_cli("generate", "--model", tiny_lm_dir, "--heads", output, "--problem", "2 + 3?", "--max-new-tokens", "6")
+        == 0
+    )
+    assert "=== ctx_head ===" in capsys.readouterr().out
+    results = tmp_path / "eval.json"
+    common = ["--data", "synthetic", "--limit", "4", "--max-length", "128", "--no-progress", "--output", results]
+    assert run_cli("eval", "--model", tiny_lm_dir, "--heads", output, *common) == 0
+    scores = json.loads(results.read_text())["results"]
+    assert scores["ctx_head"]["perplexity"] != scores["base"]["perplexity"]  # the trained head changes the output
