@@ -121,17 +121,22 @@ def training_speed(base, args) -> dict:
     return {"batch": args.batch, "length": args.length, "rounds": args.rounds, "rows": rows}
 
 
-def generation_speed(base, args) -> dict:
+GENERATION_HEADS = ("backattn raw residual", "backattn softmax residual", "backattn raw replace (original)")
+CONTEXT_HEADS = ("backattn softmax residual", "backattn contextual", "backattn contextual taps only")
+
+
+def generation_speed(base, args, heads: tuple[str, ...] = GENERATION_HEADS, merged: bool = True) -> dict:
     prompts = random_batch(base.config.vocab_size, args.gen_batch, args.gen_prompt, seed=1)
     new_tokens = args.gen_batch * args.gen_new
     variants = {"bare base": base}
-    for name in ("backattn raw residual", "backattn softmax residual", "backattn raw replace (original)"):
+    for name in heads:
         model = attach(base, name, r=args.r).eval()
         _perturb(model)
         variants[f"{name}, unmerged"] = model
-    merged = attach(base, "backattn raw residual", r=args.r).eval()
-    _perturb(merged)
-    variants["backattn raw residual, merged"] = merged.merge_and_unload()
+    if merged:
+        model = attach(base, "backattn raw residual", r=args.r).eval()
+        _perturb(model)
+        variants["backattn raw residual, merged"] = model.merge_and_unload()
 
     def generate(model) -> None:
         with torch.no_grad():
@@ -150,7 +155,7 @@ def generation_speed(base, args) -> dict:
         row = {"variant": name, "median_s": seconds, "tokens_per_s": new_tokens / seconds,
                "x_bare_tokens_per_s": bare / seconds, "samples": samples}  # fmt: skip
         mode = name.split(",")[0]
-        if mode in HEAD_MODES:
+        if mode in HEAD_MODES and not HEAD_MODES[mode].get("context"):  # costs.py counts the seed's head only
             config = BackAttnConfig(r=args.r, **HEAD_MODES[mode])
             merged = name.endswith(", merged")
             row["flop_floor_x_tokens_per_s"] = 1.0 if merged else 1 / flop_ratios(base, config, context)[1]
@@ -165,9 +170,11 @@ def generation_speed(base, args) -> dict:
 
 
 SCORED_METHODS = ["backattn softmax residual", "backattn raw residual", "lora r=8"]
+CONTEXT_METHODS = ["backattn contextual", "backattn contextual taps only", "backattn softmax residual", "lora r=8",
+                   "lora r=8 top3"]  # fmt: skip
 
 
-def scored_training_speed(base, tokenizer, args) -> dict:
+def scored_training_speed(base, tokenizer, args, methods: list[str] = SCORED_METHODS, full_forward: bool = True):
     """Training steps on real GSM8K batches: full forward against the output layer on trained positions only."""
     examples = load_examples(str(SHARED_DATA / "gsm8k" / "train.jsonl"), limit=args.batch * args.scored_batches)
     dataset, _ = tokenize_examples(examples, tokenizer, args.length)
@@ -191,7 +198,7 @@ def scored_training_speed(base, tokenizer, args) -> dict:
             base(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
     tasks["frozen base, no-grad forward"] = forward_floor
-    for method in SCORED_METHODS:
+    for method in methods:
         model = attach(base, method, r=args.r)
         model.train()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
@@ -209,7 +216,8 @@ def scored_training_speed(base, tokenizer, args) -> dict:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
 
-        tasks[f"{method}, full forward"] = full
+        if full_forward:
+            tasks[f"{method}, full forward"] = full
         tasks[f"{method}, trained positions only"] = scored
 
     def advance() -> None:
@@ -260,7 +268,10 @@ def main() -> None:
     parser.add_argument("--gen-rounds", type=int, default=5, help="timed generation rounds")
     parser.add_argument("--scored-batches", type=int, default=4, help="distinct GSM8K batches for scored training")
     parser.add_argument(
-        "--only", choices=("training", "generation", "scored"), help="run one part (default: all that apply)"
+        "--only",
+        choices=("training", "generation", "scored", "contextual"),
+        help="run one part (default: all but contextual, which times the contextual head's scored training and "
+        "generation against the seed's head, LoRA and LoRA on the top 3 layers)",
     )
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -275,6 +286,9 @@ def main() -> None:
         result["generation"] = generation_speed(base, args)
     if args.only in (None, "scored") and tokenizer is not None:
         result["scored_training"] = scored_training_speed(base, tokenizer, args)
+    if args.only == "contextual" and tokenizer is not None:
+        result["scored_training"] = scored_training_speed(base, tokenizer, args, CONTEXT_METHODS, full_forward=False)
+        result["generation"] = generation_speed(base, args, CONTEXT_HEADS, merged=False)
     save_result(f"speed-{args.base}" + (f"-{args.only}" if args.only else ""), result)
 
 
