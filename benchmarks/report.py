@@ -556,10 +556,68 @@ def tables() -> dict[str, str]:
     lmeval = [run for run in (load("lmeval-gsm8k-base"), load("lmeval-gsm8k-head")) if run]
     if lmeval:
         blocks["lmeval-gsm8k"] = lmeval_table(lmeval)
+    context_sweep = load("context_sweep")
+    if context_sweep:
+        blocks["context-sweep"] = sweep_table(context_sweep).replace(
+            "`python bench_tuned.py sweep`", "`python bench_tuned.py sweep --sweep-output context_sweep --methods ...`"
+        )
+    context_tuned = load("context_tuned")
+    if context_tuned:
+        blocks["context-tuned"] = tuned_table(context_tuned)
+    context_speed = load("speed-smollm2-contextual")
+    if context_speed:
+        blocks["context-speed-scored"] = scored_speed_table(context_speed)
+        blocks["context-speed-generation"] = speed_generation_table(context_speed)
+    if tuned and context_tuned:
+        blocks["context-goals"] = context_goals_table(tuned, context_tuned, context_speed)
     speed = load("speed-smollm2")
     if speed and cached and tuned and swap and serve:
         blocks["goals"] = goals_table(speed, cached, tuned, swap, serve)
     return blocks
+
+
+def context_goals_table(tuned: dict, context: dict, speed: dict | None) -> str:
+    """Issue 20's goals for the contextual head: each with its measurement (seed 0) and whether it is met."""
+    runs = [*tuned["runs"], *context["runs"]]
+    base = next(r for r in tuned["runs"] if r["method"] == "base")
+
+    def point(method: str, minutes: float) -> dict | None:
+        found = [r for r in runs if r["method"] == method and r.get("minutes") == minutes and r["seed"] == 0]
+        return found[-1] if found else None
+
+    rows = []
+    ctx, lora = point("contextual head", 15.0), point("lora r=8 q,k,v,o", 15.0)
+    if ctx and lora:
+        rows.append([
+            "the contextual head at or below LoRA's GSM8K test perplexity at 15 minutes, MATH-500 no worse than the "
+            "base's",
+            f"{ctx['perplexity']:.3f} against LoRA's {lora['perplexity']:.3f}; MATH-500 "
+            f"{ctx['math500_perplexity']:.3f} against the base's {base['math500_perplexity']:.3f}",
+            _met(ctx["perplexity"] <= lora["perplexity"] and ctx["math500_perplexity"] <= base["math500_perplexity"]),
+        ])  # fmt: skip
+        rows.append([
+            "at least halfway: the contextual head at or below 3.0 at 15 minutes",
+            f"{ctx['perplexity']:.3f}",
+            _met(ctx["perplexity"] <= 3.0),
+        ])  # fmt: skip
+    if speed:
+        scored = {r["method"]: r for r in speed["scored_training"]["rows"]}
+        live = scored.get("backattn contextual, trained positions only")
+        if live:
+            rows.append([
+                "the contextual head trains at least 1.5x LoRA's trained tokens/s (live)",
+                f"{live['x_lora_trained_tokens_per_s']:.3g}x",
+                _met(live["x_lora_trained_tokens_per_s"] >= 1.5),
+            ])  # fmt: skip
+        generation = {r["variant"]: r for r in speed["generation"]["rows"]}
+        unmerged = generation.get("backattn contextual, unmerged")
+        if unmerged:
+            rows.append([
+                "unmerged generation at least 0.8x the bare base",
+                f"{unmerged['x_bare_tokens_per_s']:.3g}x the bare base's tokens/s",
+                _met(unmerged["x_bare_tokens_per_s"] >= 0.8),
+            ])  # fmt: skip
+    return markdown_table(["goal", "measured", "met?"], rows)
 
 
 def fill(text: str, blocks: dict[str, str]) -> tuple[str, set[str]]:
