@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import re
 import sys
 import tempfile
 import time
@@ -152,7 +153,8 @@ class _Snapshots(TrainerCallback):
 
 
 def snapshot_file(args, method: str, seed: int, minutes: float):
-    return Path(args.snapshots) / f"{ATTACH[method].replace(' ', '-')}-seed{seed}-{minutes:g}min.safetensors"
+    slug = re.sub(r"[^a-z0-9]+", "-", method.lower()).strip("-")  # the method's own name: variants share ATTACH
+    return Path(args.snapshots) / f"{slug}-seed{seed}-{minutes:g}min.safetensors"
 
 
 def load_snapshot(model, weights: dict) -> None:
