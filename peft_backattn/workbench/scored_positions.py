@@ -101,7 +101,8 @@ class ScoredPositionsTrainer(Trainer):
 
     Batches of token sequences (`input_ids`, `attention_mask`, `labels`) run the model with the output layer on
     the trained positions only; batches of cached features (`cached_hidden`, `labels`, [`cached_weighted`], from
-    `features.FeatureCollator`) run the output layer alone, through the same forward (`BackAttnModel.forward`).
+    `features.FeatureCollator`; a contextual head's also `cached_taps`, `cached_attention_mask`, `cached_kept`, from
+    `features.ExampleCollator`) run the output layer alone, through the same forward (`BackAttnModel.forward`).
     Both are scored by `scored_positions_loss`. Everything else is the Trainer's own: the model's forward (through
     DDP or DeepSpeed when launched so), counting the targets and scaling the loss across accumulated batches and
     processes, checkpoints. Evaluation runs the full forward.
