@@ -3,7 +3,7 @@ position, read top to bottom.
 
 Notation (docs/design.md, 'The contextual head'). For one sequence of T positions, L tapped layers:
 
-    x_l,t  (d_t)        output of tapped decoder layer l at position t (frozen base)
+    x_l,t  (d_t)        output of tapped decoder layer l at position t (frozen base), read in bf16
     u_t    (d_c)        u_t = sum_l rms(x_l,t) P_l                  P_l: (d_t, d_c)
     a_t    (d_c)        a_t = u_t + Attn(rms(u) γ_a)_t W_O           causal, rotary positions, optional window
     b_t    (d_c)        b_t = a_t + gelu(rms(a_t) γ_m W_1) W_2        W_1: (d_c, 2 d_c), W_2: (2 d_c, d_c)
@@ -26,6 +26,9 @@ from torch import nn
 from .config import BackAttnConfig
 
 ROTARY_BASE = 10_000.0
+# The tapped states are read in bf16 (rounded once, whatever the base's dtype): a cache of them then takes 2 bytes a
+# value and gives exactly what the live path computes, and the context path's own weights stay in the head's dtype.
+TAP_DTYPE = torch.bfloat16
 
 
 def rms(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -102,7 +105,8 @@ class ContextEncoder(nn.Module):
         without attention.
         """
         eps = self.config.rms_norm_eps
-        u = torch.einsum("btld,ldc->btc", rms(taps.to(self.tap_proj.dtype), eps), self.tap_proj)  # (B, T, d_c)
+        taps = taps.to(TAP_DTYPE).to(self.tap_proj.dtype)  # read in bf16 (TAP_DTYPE)
+        u = torch.einsum("btld,ldc->btc", rms(taps, eps), self.tap_proj)  # (B, T, d_c)
         new_cache = None
         if self.config.context_attention:
             attended, new_cache = self.attend(rms(u, eps) * self.attention_norm, key_mask, positions, past)

@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from .caches import ROWS_PER_VOCAB_CHUNK, CheckedCaches, building, offload_device, readable
 from .config import BackAttnConfig
-from .context import rotary_positions
+from .context import TAP_DTYPE, rotary_positions
 from .head import BackAttnHead
 from .taps import ForwardRecord, LayerTaps
 
@@ -278,6 +278,23 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
         key_mask = attention_mask.to(taps.device).bool()
         return head.context(taps, key_mask, rotary_positions(key_mask, length), past)
 
+    def recorded_taps(self, adapter_name: str) -> tuple[torch.Tensor, ForwardRecord]:
+        """The outputs of head `adapter_name`'s tapped layers in the model forward in progress, stacked in
+        `context_layers` order: (B, T, L, d_t), and the forward's record. Only while the model's forward runs (the
+        output layer, or a hook on it): the cache pass of `workbench.features` stores them from there."""
+        config = self.backattn_heads[adapter_name].config
+        taps: LayerTaps | None = self._taps.module
+        record = taps.current_record() if taps is not None else None
+        missing = [] if record is None else [i for i in config.context_layers if i not in record.outputs]
+        if record is None or missing:
+            raise ValueError(
+                f"Head {adapter_name!r} reads the base's layers {config.context_layers} (context_layers), but no "
+                "model forward recorded them; call the whole model (or generate), not its output layer alone; for "
+                "cached features pass the model their taps (cached_taps)."
+            )
+        taps = torch.stack([record.outputs[i].to(TAP_DTYPE) for i in config.context_layers], dim=2)
+        return taps, record  # read in bf16, as the context path reads them
+
     def live_context(
         self,
         adapter_name: str,
@@ -288,22 +305,12 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
         """Context vectors of head `adapter_name` for the hidden states x this layer got in the model forward in
         progress, from the layers the hooks recorded (and the head's keys in the decoding cache): (..., d_c) in x's
         layout. `samples`: which rows of the batch x holds; `kept_positions`: see `forward`."""
-        config = self.backattn_heads[adapter_name].config
-        taps: LayerTaps | None = self._taps.module
-        record = taps.current_record() if taps is not None else None
-        missing = [] if record is None else [i for i in config.context_layers if i not in record.outputs]
-        if record is None or missing:
-            raise ValueError(
-                f"Head {adapter_name!r} reads the base's layers {config.context_layers} (context_layers), but no "
-                "model forward recorded them; call the whole model (or generate), not its output layer alone; for "
-                "cached features pass their context vectors."
-            )
+        tapped, record = self.recorded_taps(adapter_name)  # (B, T, L, d_t)
         if isinstance(record.logits_to_keep, torch.Tensor):
             raise ValueError(
                 f"Head {adapter_name!r} is contextual and needs logits_to_keep as a number of last positions, not a "
                 "tensor of indices."
             )
-        tapped = torch.stack([record.outputs[i] for i in config.context_layers], dim=2)  # (B, T, L, d_t)
         batch, length = tapped.shape[:2]
         mask, past = self._context_past(adapter_name, record, batch, length)
         if samples is not None:

@@ -172,6 +172,9 @@ class BackAttnModel(BaseTuner):
         *args: Any,
         cached_hidden: torch.Tensor | None = None,
         cached_weighted: torch.Tensor | None = None,
+        cached_taps: torch.Tensor | None = None,
+        cached_attention_mask: torch.Tensor | None = None,
+        cached_kept: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
         """The base model's forward; given `cached_hidden`, the output layer alone on hidden states computed earlier.
@@ -179,12 +182,24 @@ class BackAttnModel(BaseTuner):
         `cached_hidden` (n, d_in): what the base fed the output layer at n positions (cached features, see
         `workbench.features`); the output layer (with its active head) runs on them alone and the logits (n, V) come
         back as `CausalLMOutput(logits=...)`, without a base forward. `cached_weighted` (n, d_e): a softmax head's
-        `w N` of those rows, computed earlier too. `PeftModel.forward` hands both here, so a call on the PeftModel
+        `w N` of those rows, computed earlier too. `PeftModel.forward` hands them all here, so a call on the PeftModel
         (or on DDP wrapping it) works: `peft_model(cached_hidden=hidden)`.
+
+        A contextual head also needs what its context path reads, for whole sequences: `cached_taps` (B, T, L, d_t),
+        the outputs of its `context_layers` at every position; `cached_attention_mask` (B, T), 1 at real tokens (None:
+        all real); `cached_kept` (B, T) bool, the n positions whose hidden states `cached_hidden` holds, in row-major
+        order. The head computes the context vectors of every position (`BackAttnLayer.context_states`) and reads
+        those of the kept ones.
         """
+        context_inputs = (("cached_taps", cached_taps), ("cached_attention_mask", cached_attention_mask))
+        given_context = [name for name, value in (*context_inputs, ("cached_kept", cached_kept)) if value is not None]
         if cached_hidden is None:
             if cached_weighted is not None:
                 raise ValueError("cached_weighted are the softmax weights of cached_hidden's rows; pass both.")
+            if given_context:
+                raise ValueError(
+                    f"{given_context[0]} is part of a contextual head's cached inputs; pass it with cached_hidden."
+                )
             return super().forward(*args, **kwargs)
         given = sorted(name for name, value in kwargs.items() if value is not None and name != "num_items_in_batch")
         if args or given:
@@ -195,8 +210,16 @@ class BackAttnModel(BaseTuner):
             raise ValueError(f"cached_hidden needs a model with one backattn layer; this one has {len(layers)}.")
         layer = layers[0]
         one_head = not (layer.disable_adapters or layer.merged) and len(layer.active_adapters) == 1
-        if cached_weighted is not None and one_head:
-            logits = layer.head_forward(layer.active_adapters[0], cached_hidden, weighted=cached_weighted)
+        name = layer.active_adapters[0] if one_head else None
+        context = None
+        if one_head and layer.backattn_heads[name].context is not None:
+            context = _cached_context(layer, name, cached_hidden, cached_taps, cached_attention_mask, cached_kept)
+        elif one_head and given_context:
+            raise ValueError(
+                f"{given_context[0]} is a contextual head's input, but head {name!r} has no context; leave it out."
+            )
+        if one_head and (cached_weighted is not None or context is not None):
+            logits = layer.head_forward(name, cached_hidden, weighted=cached_weighted, context=context)
         else:  # the layer's own forward: its active head, the base layer (disabled or merged), or its refusal
             logits = layer(cached_hidden)
         return CausalLMOutput(logits=logits)
@@ -340,6 +363,43 @@ def generation_repeat(model: nn.Module, args: tuple, kwargs: dict) -> int:
         return value or 1
 
     return max(setting("num_beams"), setting("num_return_sequences"))
+
+
+def _cached_context(
+    layer: BackAttnLayer,
+    name: str,
+    hidden: torch.Tensor,
+    taps: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    kept: torch.Tensor | None,
+) -> torch.Tensor:
+    """The context vectors (n, d_c) of contextual head `name` at the n kept positions of cached sequences."""
+    if taps is None or kept is None:
+        raise ValueError(
+            f"Head {name!r} is contextual: cached_hidden needs its sequences' tapped layers too (cached_taps, "
+            "cached_kept and cached_attention_mask; workbench.features caches them for such a head)."
+        )
+    config = layer.backattn_heads[name].config
+    expected = (len(config.context_layers), config.base_context_width)
+    if taps.dim() != 4 or tuple(taps.shape[2:]) != expected:
+        raise ValueError(
+            f"cached_taps has shape {tuple(taps.shape)}, but head {name!r} reads (batch, positions, "
+            f"{expected[0]}, {expected[1]}): the outputs of its context_layers {config.context_layers}."
+        )
+    for label, mask in (("cached_kept", kept), ("cached_attention_mask", attention_mask)):
+        if mask is not None and tuple(mask.shape) != tuple(taps.shape[:2]):
+            raise ValueError(
+                f"{label} has shape {tuple(mask.shape)}; it marks the (batch, positions) = {tuple(taps.shape[:2])} "
+                "of cached_taps."
+            )
+    kept = kept.to(device=taps.device, dtype=torch.bool)
+    if int(kept.sum()) != hidden.shape[0]:
+        raise ValueError(
+            f"cached_kept marks {int(kept.sum())} positions but cached_hidden holds {hidden.shape[0]} rows; it marks "
+            "the rows' positions, in row-major order."
+        )
+    states, _ = layer.context_states(name, taps, attention_mask)  # (B, T, d_c)
+    return states[kept]  # (n, d_c)
 
 
 def find_output_module_name(model: nn.Module) -> str:

@@ -68,9 +68,9 @@ def reference_logits(
 def reference_context(taps: torch.Tensor, attention_mask: torch.Tensor | None, head: BackAttnHead) -> torch.Tensor:
     """Context vectors of a contextual head, in float64, one position and one attention head at a time.
 
-    taps (B, T, L, d_t): the tapped layers' outputs; attention_mask (B, T): 1 at real tokens (None: all). A position
-    attends to the real tokens at or before it (and to itself), within the window, with rotary positions counted
-    over real tokens. Returns (B, T, d_c).
+    taps (B, T, L, d_t): the tapped layers' outputs, read rounded to bf16; attention_mask (B, T): 1 at real tokens
+    (None: all). A position attends to the real tokens at or before it (and to itself), within the window, with
+    rotary positions counted over real tokens. Returns (B, T, d_c).
     """
     encoder, config = head.context, head.config
     eps = config.rms_norm_eps
@@ -88,7 +88,8 @@ def reference_context(taps: torch.Tensor, attention_mask: torch.Tensor | None, h
         )
 
     # u_t = sum_l rms(x_l,t) P_l, (B, T, d_c)
-    u = sum(rms(taps[:, :, tap].double()) @ encoder.tap_proj[tap].double() for tap in range(taps.shape[2]))
+    taps = taps.to(torch.bfloat16).double()  # the taps are read in bf16
+    u = sum(rms(taps[:, :, tap]) @ encoder.tap_proj[tap].double() for tap in range(taps.shape[2]))
     if config.context_attention:
         width, heads = config.context_dim, config.context_heads
         d_h = width // heads

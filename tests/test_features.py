@@ -6,24 +6,32 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections import namedtuple
 from pathlib import Path
 
+import numpy as np
+import pyarrow
+import pyarrow.ipc
 import pytest
 import torch
 from conftest import randomize_heads
+from datasets import Dataset, Features, Value
+from datasets import Sequence as FeatureList
 from peft import PeftModel, get_peft_model
 from test_scored_positions import tiny_chat_llama
 from tokenizers import normalizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from peft_backattn import BackAttnConfig
+from peft_backattn.taps import find_decoder_layers
 from peft_backattn.workbench import features as features_module
 from peft_backattn.workbench.data import PaddingCollator, tokenize_examples
 from peft_backattn.workbench.features import (
     FEATURES_FILE,
     FINGERPRINT_FILE,
+    ExampleRows,
     cache_features,
     head_layer,
     open_features,
@@ -574,3 +582,233 @@ def test_user_callbacks_see_every_step_and_can_stop_the_run(tmp_path):
             model, tokenizer, generate_examples(8), options(folder, max_steps=5, feature_cache=cache), [watcher]
         )
         assert watcher.steps == [1, 2] and report.steps == 2
+
+
+# -- contextual heads: one row per example, with the tapped layers' outputs ---------------------------------------
+
+CONTEXT = dict(r=8, init_weights=False, context=True, context_dim=16, context_heads=2)
+CONTEXT_HEADS = {
+    "softmax, attention": CONTEXT,
+    "raw, window of 5": CONTEXT | dict(logit_weighting="raw", context_window=5),
+    "taps only": CONTEXT | dict(context_attention=False),
+}
+
+
+def context_model(seed: int = 0, **changes):
+    """`head_model` with a contextual head (every weight non-trivial, `W_S` included: the context shows)."""
+    return head_model(seed, **(CONTEXT | changes))
+
+
+def recorded_forward(model, batch):
+    """The tapped layers' outputs (B, T, L, d_t) and the output layer's input (B, T, d_in) of one forward, seen by
+    the test's own hooks."""
+    layer, name = head_layer(model)
+    stack, tapped = find_decoder_layers(model.get_base_model()), layer.backattn_heads[name].config.context_layers
+    seen: dict[int, torch.Tensor] = {}
+    handles = [
+        stack[i].register_forward_hook(
+            lambda m, a, out, i=i: seen.__setitem__(i, out[0] if isinstance(out, tuple) else out)
+        )
+        for i in tapped
+    ]
+    final = []
+    handles.append(layer.register_forward_pre_hook(lambda module, args: final.append(args[0].detach())))
+    with torch.no_grad():
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    for handle in handles:
+        handle.remove()
+    return torch.stack([seen[i] for i in tapped], dim=2), final[0]
+
+
+def test_a_contextual_cache_holds_each_examples_taps_up_to_its_last_trained_position(tmp_path, capsys):
+    model, tokenizer = context_model()
+    dataset = tokenized(tokenizer, count=6)
+    # Computed 4 examples at a time; checked against one forward of all 6, padded to the longest.
+    cached = cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH, batch_size=4)
+    batch = PaddingCollator.from_tokenizer(tokenizer)([dataset[i] for i in range(len(dataset))])
+    taps, hidden = recorded_forward(model, batch)
+    trained = trained_positions(batch["labels"])
+    spans = [int(row.nonzero().max()) + 1 for row in trained]  # up to each example's last trained position
+
+    assert cached.rows.column_names == ["hidden", "target", "weighted", "taps", "trained", "attention_mask"]
+    contents = cached.fingerprint["contents"]
+    assert contents["context"] == {
+        "layers": [0, 1],
+        "width": 32,
+        "dtype": "bfloat16",
+        "stored_dtype": "int16",
+        "examples": 6,
+        "positions": sum(spans),
+    }  # fmt: skip  (an fp32 base: the context path reads its taps in bf16, and they are stored so)
+    assert len(cached.rows) == 6 and cached.positions == contents["positions"] == int(trained.sum())
+    for i, row in enumerate(cached.rows):
+        span, count = spans[i], int(trained[i].sum())
+        stored = features_module._stored_back(row["taps"], torch.bfloat16).reshape(span, 2, 32)
+        assert torch.equal(stored, taps[i, :span].to(torch.bfloat16))  # bf16 rounding of what the base computed
+        torch.testing.assert_close(torch.tensor(row["hidden"]).reshape(count, 32), hidden[i][trained[i]])
+        assert row["trained"].tolist() == trained[i, :span].tolist() and row["attention_mask"].all()
+        assert row["target"].tolist() == trained_targets(batch["labels"][i : i + 1]).tolist()
+        assert row["weighted"].shape == (count * 32,)
+    printed = capsys.readouterr().out
+    assert f"and 2 tapped layers x 32 values (bfloat16, as its 16-bit patterns) at {sum(spans):,} positions" in printed
+    size = features_module._estimated_bytes(contents)
+    assert abs(size - contents["checksum"]["bytes"]) < 0.03 * size  # the printed size is the file's, near enough
+
+
+def test_bf16_taps_are_stored_as_their_16_bit_patterns_and_read_back_exactly(tmp_path):
+    """Arrow has no bf16: a contextual cache stores its raw bits as int16 and views them back, bit for bit."""
+    model, tokenizer = context_model()
+    model.to(torch.bfloat16)
+    dataset = tokenized(tokenizer, count=4)
+    cached = cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH, batch_size=4)
+    contents = cached.fingerprint["contents"]
+    assert (contents["hidden_dtype"], contents["stored_dtype"]) == ("bfloat16", "int16")
+    assert (contents["context"]["dtype"], contents["context"]["stored_dtype"]) == ("bfloat16", "int16")
+    assert cached.rows[0]["taps"].dtype == np.int16
+
+    batch = PaddingCollator.from_tokenizer(tokenizer)([dataset[i] for i in range(len(dataset))])  # the pass's batch
+    taps, hidden = recorded_forward(model, batch)
+    layer, name = head_layer(model)
+    rows = cached.collator(layer.backattn_heads[name].config)([cached.rows[i] for i in range(len(cached.rows))])
+    assert rows["cached_taps"].dtype == rows["cached_hidden"].dtype == torch.bfloat16
+    real = rows["cached_attention_mask"].bool()
+    assert torch.equal(rows["cached_taps"][real], taps[:, : real.shape[1]][real])
+    assert torch.equal(rows["cached_hidden"], hidden[trained_positions(batch["labels"])])
+
+    # Every one of the 65,536 bf16 bit patterns (NaNs, infinities, subnormals) through the file and back.
+    patterns = torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16)
+    schema = Features({"taps": FeatureList(Value("int16"))}).arrow_schema
+    table = features_module._example_table(
+        [{"taps": features_module._as_stored(patterns.view(torch.bfloat16))}], schema
+    )
+    with pyarrow.OSFile(str(tmp_path / "patterns.arrow"), "wb") as sink, pyarrow.ipc.new_stream(sink, schema) as out:
+        out.write_table(table)
+    stored = ExampleRows(Dataset.from_file(str(tmp_path / "patterns.arrow")))[0]["taps"]
+    assert torch.equal(features_module._stored_back(stored, torch.bfloat16).view(torch.int16), patterns)
+
+
+def left_padded(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A collated batch of cached examples with its padding moved to the front of each row."""
+    rows = dict(rows)
+    shifts = [int(n) for n in rows["cached_attention_mask"].shape[1] - rows["cached_attention_mask"].sum(dim=1)]
+    for key in ("cached_taps", "cached_attention_mask", "cached_kept"):
+        rows[key] = torch.stack([row.roll(shift, dims=0) for row, shift in zip(rows[key], shifts, strict=True)])
+    return rows
+
+
+@pytest.mark.parametrize("padding", ["right", "left"])
+@pytest.mark.parametrize("kind", sorted(CONTEXT_HEADS))
+def test_contextual_loss_and_gradients_from_the_cache_equal_the_live_step(kind, padding, tmp_path):
+    """At fixed weights, over the same batch as the data collator pads it: the cached forward (context vectors from
+    the stored taps, padded either side) gives the live loss and gradients of every head weight."""
+    model, tokenizer = context_model(**CONTEXT_HEADS[kind])
+    dataset = tokenized(tokenizer)
+    cached = cache_features(model, tokenizer, dataset, tmp_path / "features", max_length=MAX_LENGTH, batch_size=3)
+    model.train()
+    layer, name = head_layer(model)
+    trainable = dict((k, p) for k, p in model.named_parameters() if p.requires_grad)
+    assert any(".context." in k for k in trainable)
+
+    batch = PaddingCollator.from_tokenizer(tokenizer)([dataset[i] for i in range(len(dataset))])
+    with only_trained_positions(layer, batch["labels"]):
+        live = scored_positions_loss(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]), batch["labels"]
+        )
+    live_grads = torch.autograd.grad(live, list(trainable.values()))
+
+    rows = cached.collator(layer.backattn_heads[name].config)([cached.rows[i] for i in range(len(cached.rows))])
+    if padding == "left":
+        rows = left_padded(rows)
+        assert not rows["cached_attention_mask"][:, 0].all()  # some row does start with padding
+    labels = rows.pop("labels")
+    from_cache = scored_positions_loss(model(**rows), labels)
+    cached_grads = torch.autograd.grad(from_cache, list(trainable.values()))
+
+    torch.testing.assert_close(from_cache, live, rtol=1e-5, atol=1e-6)
+    for key, got, expected in zip(trainable, cached_grads, live_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_a_cached_run_of_a_contextual_head_takes_the_live_runs_steps(tmp_path, capsys):
+    """train_head end to end, two steps of 4 examples from the same weights and seed: the same batches of whole
+    examples, the same losses and the same head."""
+    examples = generate_examples(8, split="train")
+    live, tokenizer = context_model()
+    cached, _ = context_model()
+    live_report = train_head(live, tokenizer, examples, options(tmp_path / "a", feature_cache=None, max_steps=2))
+    report = train_head(cached, tokenizer, examples, options(tmp_path / "b", max_steps=2))
+    assert "with their tapped layers [0, 1]" in capsys.readouterr().out
+    assert report.steps == 2 and report.feature_seconds is not None
+    assert report.losses == pytest.approx(live_report.losses, rel=1e-5)
+    assert report.positions_per_step == round(4 * cached_positions(tmp_path / "b" / "features") / 8)
+    expected, got = head_weights(live), head_weights(cached)
+    assert any(".context." in key for key in expected)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-7, msg=key)
+    reloaded = PeftModel.from_pretrained(tiny_chat_llama()[0], tmp_path / "b" / "head").eval()
+    cached.eval()
+    ids = torch.tensor([tokenizer("Tom has 3 boxes of 12 pens.")["input_ids"]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, cached(input_ids=ids).logits)
+
+
+def test_a_cache_of_other_tapped_layers_or_none_is_refused(tmp_path):
+    """The stored taps must be the head's: other context_layers, a plain head on a contextual cache and a
+    contextual head on a plain one are each refused in one line, and the cache is left as it was."""
+    tokenizer = context_model()[1]
+    dataset = tokenized(tokenizer)
+    contextual, plain = tmp_path / "contextual", tmp_path / "plain"
+    cache_features(context_model(context_layers=[1])[0], tokenizer, dataset, contextual, max_length=MAX_LENGTH)
+    cache_features(head_model()[0], tokenizer, dataset, plain, max_length=MAX_LENGTH)
+    written = {folder: (folder / FEATURES_FILE).stat().st_mtime_ns for folder in (contextual, plain)}
+    again = cache_features(
+        context_model(context_layers=[-1])[0], tokenizer, dataset, contextual, max_length=MAX_LENGTH
+    )
+    assert not again.computed  # -1 is layer 1 of 2: the same taps
+
+    cases = [
+        (context_model(context_layers=[0])[0], contextual, "of tapped layers [1], but this head reads layers [0]"),
+        (head_model()[0], contextual, "of a contextual head (tapped layers [1]), but this head has no context"),
+        (context_model()[0], plain, "without tapped layers (for a head without context), but this head reads layers"),
+    ]
+    for model, folder, phrase in cases:
+        with pytest.raises(ValueError) as refused:
+            cache_features(model, tokenizer, dataset, folder, max_length=MAX_LENGTH)
+        message = str(refused.value)
+        assert (
+            "\n" not in message
+            and phrase in message
+            and message.endswith("choose another folder (or delete this one).")
+        )
+        layer, name = head_layer(model)
+        with pytest.raises(ValueError, match=re.escape(phrase)):
+            open_features(folder).collator(layer.backattn_heads[name].config)
+    assert {folder: (folder / FEATURES_FILE).stat().st_mtime_ns for folder in (contextual, plain)} == written
+
+
+def test_the_cached_forward_of_a_contextual_head_refuses_what_it_cannot_use(tmp_path):
+    model, tokenizer = context_model()
+    cached = cache_features(model, tokenizer, tokenized(tokenizer, count=2), tmp_path / "f", max_length=MAX_LENGTH)
+    layer, name = head_layer(model)
+    rows = cached.collator(layer.backattn_heads[name].config)([cached.rows[i] for i in range(len(cached.rows))])
+    rows.pop("labels")
+    hidden = rows["cached_hidden"]
+    cases = [
+        (dict(cached_hidden=hidden), "Head 'default' is contextual: cached_hidden needs its sequences' tapped layers"),
+        (
+            {k: v for k, v in rows.items() if k not in ("cached_hidden", "cached_weighted")},
+            "is part of a contextual head's cached inputs; pass it with cached_hidden",
+        ),
+        (
+            rows | dict(cached_hidden=hidden[1:], cached_weighted=rows["cached_weighted"][1:]),
+            f"cached_kept marks {hidden.shape[0]} positions but cached_hidden holds {hidden.shape[0] - 1} rows",
+        ),
+        (rows | dict(cached_taps=rows["cached_taps"][:, :, :1]), "cached_taps has shape"),
+        (rows | dict(cached_kept=rows["cached_kept"][:, 1:]), "cached_kept has shape"),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            model(**inputs)
+    plain, _ = head_model()
+    with pytest.raises(ValueError, match="is a contextual head's input, but head 'default' has no context"):
+        plain(**rows)

@@ -12,6 +12,22 @@ works:
     target    ()       the token the loss scores at that position (int64)
     weighted  (d_e,)   softmax heads only: w N = softmax(z) N, the base's logit-weighted embedding (the head's dtype)
 
+A contextual head (`BackAttnConfig(context=True)`) also reads the outputs of some decoder layers at every earlier
+position, so its cache holds one row per example instead, everything the head's forward reads for it:
+
+    hidden    (n_i d_in)     the n_i trained positions' hidden states, flattened, in position order
+    target    (n_i)          their targets (int64)
+    weighted  (n_i d_e)      softmax heads only, as above
+    taps      (T_i L d_t)    the outputs of the head's L `context_layers` (width d_t) at the first T_i positions, up
+                             to the last trained one (the attention never reads a later one): the prompt included
+    trained   (T_i)          which of the T_i positions are trained (bool)
+    attention_mask (T_i)     which are real tokens (bool)
+
+Every value of such a cache is stored exactly in its own dtype, bf16 (which Arrow lacks) as its raw 16-bit patterns
+(int16), viewed back as bf16 when read; `ExampleCollator` pads a batch of examples for the model's forward
+(`cached_taps`, `cached_attention_mask`, `cached_kept`). Its `fingerprint.json` records the tapped layers, and a
+cache whose layers are not the head's (or that has none, or a head without context) is refused.
+
 The pass runs the base in eval mode with the head switched off (`disable_adapter()`), and a forward pre-hook on the
 head's layer keeps the trained rows and hands the output layer nothing, so no vocabulary product is spent on it.
 Eval mode means the cached features see no dropout in the base: for GPT-2 (dropout 0.1) a cached run trains on what
@@ -49,15 +65,17 @@ from datasets import Dataset, Features, Value
 from datasets import Sequence as FeatureList
 from peft import PeftModel
 from torch import nn
+from torch.utils.data import Dataset as TorchDataset
 from transformers import PreTrainedTokenizerBase, TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from ..config import BackAttnConfig
+from ..context import TAP_DTYPE
 from ..layer import BackAttnLayer
 from .data import IGNORE_INDEX, PaddingCollator
 from .progress import Progress
 from .saving import first_missing_folder, remove_empty_folders, remove_path
-from .scored_positions import only_trained_positions, trained_targets
+from .scored_positions import only_trained_positions, trained_positions, trained_targets
 
 FEATURES_FILE = "features.arrow"
 FINGERPRINT_FILE = "fingerprint.json"
@@ -77,6 +95,13 @@ _TOKENIZER_CALL_STATE = ("truncation", "padding")
 _CHECKSUM_CHUNK = 1 << 22  # 4 MiB read at a time: the check's memory stays small however large the cache is
 # torch dtype of the hidden states -> the Arrow type they are stored as (exactly: bf16 widens to fp32 without loss)
 _STORED_AS = {torch.float32: "float32", torch.float16: "float16", torch.float64: "float64", torch.bfloat16: "float32"}
+# contextual caches: every column exactly in its own dtype, bf16 as its raw 16-bit patterns (viewed back when read)
+_STORED_EXACTLY = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.float64: "float64",
+    torch.bfloat16: "int16",
+}
 _DISK_MARGIN = 1.01  # refuse unless the disk holds the estimated size plus 1 % (Arrow's own bookkeeping is smaller)
 
 
@@ -90,14 +115,23 @@ class CachedFeatures:
     """
 
     directory: Path
-    rows: Dataset  # torch-formatted, memory-mapped: hidden (d_in), target, [weighted (d_e)]
+    # memory-mapped; torch-formatted rows of one position: hidden (d_in), target, [weighted (d_e)]; a contextual
+    # cache's rows of one example (`ExampleRows`)
+    rows: Dataset | ExampleRows
     fingerprint: dict[str, Any]
     computed: bool  # False: reused from an earlier run
     seconds: float  # computing (or checking and opening) it
 
     @property
     def positions(self) -> int:
-        return len(self.rows)
+        """Trained positions (a contextual cache's rows hold several each)."""
+        return int(self.fingerprint["contents"]["positions"])
+
+    @property
+    def context(self) -> dict[str, Any] | None:
+        """A contextual cache's taps: `layers`, `width`, `dtype`, `stored_dtype`, `examples` (its rows) and `positions`
+        (tap positions stored); None for a cache of one row per trained position."""
+        return self.fingerprint["contents"].get("context")
 
     @property
     def examples(self) -> int:
@@ -128,8 +162,30 @@ class CachedFeatures:
         """
         return max(1, round(examples_per_step * self.positions / max(self.examples, 1)))
 
-    def collator(self, config: BackAttnConfig) -> FeatureCollator:
-        return FeatureCollator(self.hidden_dtype, self.weighted_for(config))
+    def rows_per_step(self, examples_per_step: int) -> int:
+        """Rows in one batch: `examples_per_step` examples of a contextual cache, else their worth of positions."""
+        return examples_per_step if self.context is not None else self.positions_per_step(examples_per_step)
+
+    def check_head(self, config: BackAttnConfig) -> None:
+        """Refuse, in one line, rows that cannot train a head of `config`: their tapped layers are not the ones it
+        reads (or it reads none, or they hold none)."""
+        problem = _head_mismatch(self.context, config)
+        if problem is not None:
+            raise _refused(self.directory, problem)
+
+    def collator(self, config: BackAttnConfig) -> FeatureCollator | ExampleCollator:
+        self.check_head(config)
+        contents, context = self.fingerprint["contents"], self.context
+        if context is None:
+            return FeatureCollator(self.hidden_dtype, self.weighted_for(config))
+        weighted = contents["weighted"] if self.weighted_for(config) else None
+        return ExampleCollator(
+            hidden_dtype=self.hidden_dtype,
+            hidden_size=contents["hidden_size"],
+            tap_dtype=getattr(torch, context["dtype"]),
+            taps=(len(context["layers"]), context["width"]),
+            weighted_dtype=getattr(torch, weighted["dtype"]) if weighted is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -155,6 +211,100 @@ class FeatureCollator:
         if self.use_weighted:
             batch["cached_weighted"] = torch.stack([row["weighted"] for row in rows])  # (n, d_e)
         return batch
+
+
+class ExampleRows(TorchDataset):
+    """The rows of a contextual cache, one example each: numpy arrays of the stored values, read from the
+    memory-mapped Arrow file without a copy where Arrow allows it (the flags are bits: copied).
+
+    Not a `datasets` format: those widen int16 to int64 and float16 to float32, and a bf16 bit pattern is only
+    exact as int16."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset  # unformatted, memory-mapped
+
+    @property
+    def column_names(self) -> list[str]:
+        return self.dataset.column_names
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"row {index} of a cache of {len(self)} examples")
+        table = self.dataset.data.table
+        return {name: table.column(name)[index].values.to_numpy(zero_copy_only=False) for name in self.column_names}
+
+
+@dataclass(frozen=True)
+class ExampleCollator:
+    """Pads rows of a contextual cache (one example each) into a batch for the model's forward
+    (`BackAttnModel.forward`): `cached_taps` (B, T, L, d_t), `cached_attention_mask` (B, T), `cached_kept` (B, T)
+    bool, `cached_hidden` (n, d_in) the kept positions' rows in row-major order, `cached_weighted` (n, d_e) when
+    used, and `labels` (1, n + 1) laid out as `FeatureCollator` lays them out. Padded on the right, as
+    `PaddingCollator` pads sequences; the values come back in their dtypes exactly."""
+
+    hidden_dtype: torch.dtype
+    hidden_size: int
+    tap_dtype: torch.dtype
+    taps: tuple[int, int]  # (L, d_t)
+    weighted_dtype: torch.dtype | None  # None: the head computes its softmax weights itself
+
+    def __call__(self, rows: Sequence[Mapping[str, np.ndarray]]) -> dict[str, torch.Tensor]:
+        if not rows:
+            raise ValueError("cannot collate an empty batch")
+        count, width = self.taps
+        lengths = [len(row["trained"]) for row in rows]
+        length = max(1, *lengths)  # one padding position when no example has one: the forward needs a position
+        taps = np.zeros((len(rows), length, count * width), dtype=rows[0]["taps"].dtype)
+        real = np.zeros((len(rows), length), dtype=bool)
+        kept = np.zeros_like(real)
+        for index, (row, stored) in enumerate(zip(rows, lengths, strict=True)):
+            taps[index, :stored] = row["taps"].reshape(stored, count * width)
+            real[index, :stored] = row["attention_mask"]
+            kept[index, :stored] = row["trained"]
+        targets = torch.from_numpy(np.concatenate([row["target"] for row in rows]).astype(np.int64))  # (n,)
+        batch = {
+            "cached_hidden": _stored_back(np.concatenate([row["hidden"] for row in rows]), self.hidden_dtype).reshape(
+                -1, self.hidden_size
+            ),  # (n, d_in)
+            "cached_taps": _stored_back(taps, self.tap_dtype).reshape(len(rows), length, count, width),
+            "cached_attention_mask": torch.from_numpy(real).long(),
+            "cached_kept": torch.from_numpy(kept),
+            "labels": torch.cat([targets.new_full((1,), IGNORE_INDEX), targets])[None],  # (1, n + 1)
+        }
+        if self.weighted_dtype is not None:
+            weighted = _stored_back(np.concatenate([row["weighted"] for row in rows]), self.weighted_dtype)
+            batch["cached_weighted"] = weighted.reshape(targets.shape[0], -1)  # (n, d_e)
+        return batch
+
+
+def _stored_back(values: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    """Values of a contextual cache as the tensor they were (exact): bf16 viewed from its 16-bit patterns."""
+    if dtype == torch.bfloat16 and values.dtype != np.int16:  # a view of wider integers would read other values
+        raise TypeError(f"bf16 values are read back from their int16 patterns, got {values.dtype}")
+    tensor = torch.from_numpy(np.require(values, requirements=["C", "W"]))  # a copy only when it must be
+    return tensor.view(dtype) if dtype == torch.bfloat16 else tensor.to(dtype)
+
+
+def _as_stored(tensor: torch.Tensor) -> np.ndarray:
+    """A tensor as a contextual cache stores it, flattened: in its own dtype, bf16 as its raw 16-bit patterns."""
+    tensor = tensor.detach().cpu().contiguous()
+    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).reshape(-1).numpy()
+
+
+def _head_mismatch(context: Mapping[str, Any] | None, config: BackAttnConfig) -> str | None:
+    """Why rows with these taps cannot train a head of `config`, as a phrase; None when they can."""
+    wanted = list(config.context_layers) if config.context else None
+    stored = list(context["layers"]) if context is not None else None
+    if stored == wanted:
+        return None
+    if stored is None:
+        return f"without tapped layers (for a head without context), but this head reads layers {wanted}"
+    if wanted is None:
+        return f"of a contextual head (tapped layers {stored}), but this head has no context"
+    return f"of tapped layers {stored}, but this head reads layers {wanted} (context_layers)"
 
 
 # ---- where a cache may go ---------------------------------------------------------------------------------------
@@ -340,6 +490,16 @@ def count_trained_positions(dataset: Dataset) -> int:
     return sum(sum(label != IGNORE_INDEX for label in labels[1:]) for labels in dataset["labels"])
 
 
+def count_context_positions(dataset: Dataset) -> int:
+    """Positions a contextual cache stores the taps of: each example's up to its last trained one."""
+    return sum(int(context_spans(trained_positions(torch.tensor([labels])))[0]) for labels in dataset["labels"])
+
+
+def context_spans(trained: torch.Tensor) -> torch.Tensor:
+    """(B,) positions a contextual cache stores per row of a (B, T) trained mask: up to the row's last trained one."""
+    return (trained.long() * torch.arange(1, trained.shape[1] + 1, device=trained.device)).amax(dim=1)
+
+
 def head_layer(model: nn.Module) -> tuple[BackAttnLayer, str]:
     """The model's one backattn layer and the name of its active head."""
     layers = [module for module in model.modules() if isinstance(module, BackAttnLayer)]
@@ -363,26 +523,28 @@ def cache_features(
     fingerprint: Mapping[str, Any] | None = None,
 ) -> CachedFeatures:
     """The cached features of `dataset` (from `tokenize_examples`) in `directory`: reused when it holds features of
-    the same base, tokenizer, max_length and data, else computed once (the base's forward, `batch_size` examples at
-    a time) and written there.
+    the same base, tokenizer, max_length and data, with the tapped layers the model's head reads (none for a head
+    without context), else computed once (the base's forward, `batch_size` examples at a time) and written there.
 
     Prints the size before writing and refuses, in one line, a folder on a disk without room for it, a folder of
-    features computed from something else, a damaged one (`open_features`), and a folder `check_feature_folder`
-    refuses. A pass that fails or is interrupted removes what it wrote (and the folder, if it created it).
+    features computed from something else or with other tapped layers, a damaged one (`open_features`), and a
+    folder `check_feature_folder` refuses. A pass that fails or is interrupted removes what it wrote (and the
+    folder, if it created it).
     """
     directory = Path(directory)
     check_feature_folder(directory)
     start = time.monotonic()
     layer, name = head_layer(model)
+    config = layer.backattn_heads[name].config
     source = (
         dict(fingerprint) if fingerprint is not None else feature_fingerprint(model, tokenizer, dataset, max_length)
     )
     if (directory / FINGERPRINT_FILE).is_file():
-        problem = _mismatch(_read_fingerprint(directory)["source"], source)
+        cached = _read_fingerprint(directory)
+        problem = _mismatch(cached["source"], source)
+        problem = f"of {problem}" if problem is not None else _head_mismatch(cached["contents"].get("context"), config)
         if problem is not None:
-            raise ValueError(
-                f"--feature-cache {directory} holds features of {problem}; choose another folder (or delete this one)."
-            )
+            raise _refused(directory, problem)
         checking = time.monotonic()
         features = open_features(directory)  # the file's sha256 checked against the fingerprint's first
         checked = time.monotonic() - checking
@@ -397,13 +559,13 @@ def cache_features(
     for entry in directory.iterdir() if directory.is_dir() else ():  # what a killed pass left: never complete
         remove_path(entry)
 
-    config = layer.backattn_heads[name].config
     hidden_dtype = _hidden_dtype(layer)
+    stored_as = _STORED_EXACTLY if config.context else _STORED_AS
     contents = {
         "positions": count_trained_positions(dataset),
         "hidden_size": layer.in_features,
-        "hidden_dtype": str(hidden_dtype).removeprefix("torch."),
-        "stored_dtype": _STORED_AS[hidden_dtype],
+        "hidden_dtype": _name(hidden_dtype),
+        "stored_dtype": stored_as[hidden_dtype],
         "weighted": None,
     }
     if config.logit_weighting == "softmax":
@@ -411,8 +573,18 @@ def cache_features(
         contents["weighted"] = {
             "rms_norm_eps": config.rms_norm_eps,
             "embedding_dim": layer.embedding_weight.shape[1],
-            "dtype": str(weighted_dtype).removeprefix("torch."),
-            "stored_dtype": _STORED_AS[weighted_dtype],
+            "dtype": _name(weighted_dtype),
+            "stored_dtype": stored_as[weighted_dtype],
+        }
+    if config.context:  # the context path reads the tapped outputs in bf16 (TAP_DTYPE): they are stored so, exactly
+        tap_dtype = TAP_DTYPE
+        contents["context"] = {
+            "layers": list(config.context_layers),
+            "width": config.base_context_width,
+            "dtype": _name(tap_dtype),
+            "stored_dtype": _STORED_EXACTLY[tap_dtype],
+            "examples": len(dataset),
+            "positions": count_context_positions(dataset),
         }
     size = _estimated_bytes(contents)
     room = shutil.disk_usage(_existing(directory)).free
@@ -431,8 +603,9 @@ def cache_features(
     staging = directory / f"{STAGING_PREFIX}{secrets.token_hex(8)}.arrow"
     try:
         written = _write_features(model, layer, name, tokenizer, dataset, staging, contents, batch_size, progress)
-        if written != contents["positions"]:
-            raise RuntimeError(f"the feature pass found {written} trained positions, not {contents['positions']}")
+        expected = (contents["positions"], contents["context"]["positions"] if config.context else 0)
+        if written != expected:
+            raise RuntimeError(f"the feature pass found {written} (trained, tapped) positions, not {expected}")
         contents["checksum"] = {"sha256": _file_checksum(staging), "bytes": staging.stat().st_size}
         os.replace(staging, directory / FEATURES_FILE)
         _write_json(directory / FINGERPRINT_FILE, {"source": source, "contents": contents})  # last: complete
@@ -460,15 +633,15 @@ def open_features(directory: str | os.PathLike, *, verify: bool = True) -> Cache
     if verify:
         _verify_checksum(directory, contents)
     try:
-        columns = ["hidden", "target"] + (["weighted"] if contents["weighted"] is not None else [])
+        columns = list(_features(contents))
+        count = contents["context"]["examples"] if contents.get("context") is not None else contents["positions"]
         rows = Dataset.from_file(str(directory / FEATURES_FILE))  # memory-mapped, not read into memory
     except (OSError, ValueError, KeyError, TypeError, pyarrow.ArrowException) as error:
         raise _damaged(directory, type(error).__name__) from None
-    if rows.column_names != columns or len(rows) != contents["positions"]:
-        raise _damaged(
-            directory, f"{len(rows)} rows of {rows.column_names}, expected {contents['positions']} of {columns}"
-        )
-    return CachedFeatures(directory, rows.with_format("torch"), fingerprint, computed=False, seconds=0.0)
+    if rows.column_names != columns or len(rows) != count:
+        raise _damaged(directory, f"{len(rows)} rows of {rows.column_names}, expected {count} of {columns}")
+    formatted = ExampleRows(rows) if contents.get("context") is not None else rows.with_format("torch")
+    return CachedFeatures(directory, formatted, fingerprint, computed=False, seconds=0.0)
 
 
 def _read_fingerprint(directory: Path) -> dict[str, Any]:
@@ -497,6 +670,12 @@ def _verify_checksum(directory: Path, contents: Mapping[str, Any]) -> None:
         raise _damaged(directory, f"{FEATURES_FILE}: {error.strerror or type(error).__name__}") from None
 
 
+def _refused(directory: Path, problem: str) -> ValueError:
+    return ValueError(
+        f"--feature-cache {directory} holds features {problem}; choose another folder (or delete this one)."
+    )
+
+
 def _damaged(directory: Path, why: str) -> ValueError:
     return ValueError(f"--feature-cache {directory} is damaged ({why}); delete it or choose another folder.")
 
@@ -511,13 +690,19 @@ def _write_features(
     contents: Mapping[str, Any],
     batch_size: int,
     progress: bool,
-) -> int:
-    """The base's forward over `dataset`, the trained rows appended to the Arrow file at `path`; returns the count."""
+) -> tuple[int, int]:
+    """The base's forward over `dataset`, the trained rows (a contextual head's: the examples) appended to the Arrow
+    file at `path`; returns the trained positions and the tapped positions written."""
     collate = PaddingCollator.from_tokenizer(tokenizer)
     device = layer.embedding_weight.device
     schema = _features(contents).arrow_schema  # carries the `datasets` feature types, for Dataset.from_file
-    kept: list[torch.Tensor] = []
-    written = 0
+    context = contents.get("context")
+    kept: list[tuple[torch.Tensor, torch.Tensor | None]] = []
+
+    def collect(hidden: torch.Tensor) -> None:  # in the output layer's pre-hook: the tapped layers ran already
+        kept.append((hidden, layer.recorded_taps(name)[0] if context is not None else None))
+
+    written = tapped = 0
     was_training = model.training
     model.eval()
     batches = range(0, len(dataset), batch_size)
@@ -531,29 +716,75 @@ def _write_features(
         ):
             for start in batches:
                 batch = collate([dataset[i] for i in range(start, min(start + batch_size, len(dataset)))])
-                with only_trained_positions(layer, batch["labels"], collect=kept.append):  # the layer computes nothing
+                with only_trained_positions(layer, batch["labels"], collect=collect):  # the layer computes nothing
                     model(
                         input_ids=batch["input_ids"].to(device),
                         attention_mask=batch["attention_mask"].to(device),
                         use_cache=False,
                     )
-                hidden = kept.pop()  # (n, d_in)
-                columns = {
-                    "hidden": hidden.to(getattr(torch, contents["stored_dtype"])),  # (n, d_in)
-                    "target": trained_targets(batch["labels"]).to(torch.int64),  # (n,)
-                }
-                if contents["weighted"] is not None:
-                    weighted = layer.weighted_embedding(name, hidden)  # (n, d_e)
-                    columns["weighted"] = weighted.to(getattr(torch, contents["weighted"]["stored_dtype"]))
-                stream.write_table(_table(columns, schema))
+                hidden, taps = kept.pop()  # (n, d_in), (B, T, L, d_t) or None
+                weighted = layer.weighted_embedding(name, hidden) if contents["weighted"] is not None else None
+                if context is None:
+                    columns = {
+                        "hidden": hidden.to(getattr(torch, contents["stored_dtype"])),  # (n, d_in)
+                        "target": trained_targets(batch["labels"]).to(torch.int64),  # (n,)
+                    }
+                    if weighted is not None:  # (n, d_e)
+                        columns["weighted"] = weighted.to(getattr(torch, contents["weighted"]["stored_dtype"]))
+                    stream.write_table(_table(columns, schema))
+                else:
+                    if _name(taps.dtype) != context["dtype"]:
+                        raise RuntimeError(f"the tapped layers returned {taps.dtype}, not {context['dtype']}")
+                    examples = _examples(hidden, weighted, taps, batch["labels"], batch["attention_mask"])
+                    stream.write_table(_example_table(examples, schema))
+                    tapped += sum(len(example["trained"]) for example in examples)
                 written += hidden.shape[0]
                 shown.update(1)
     finally:
         model.train(was_training)
-    return written
+    return written, tapped
+
+
+def _examples(
+    hidden: torch.Tensor,
+    weighted: torch.Tensor | None,
+    taps: torch.Tensor,
+    labels: torch.Tensor,
+    attention_mask: torch.Tensor,
+) -> list[dict[str, np.ndarray]]:
+    """A padded batch's rows of a contextual cache, one per example, each column flattened as stored.
+
+    hidden (n, d_in) and weighted (n, d_e): the batch's trained positions, row by row; taps (B, T, L, d_t); labels
+    and attention_mask (B, T), right-padded (`PaddingCollator`), so each example's positions start at 0.
+    """
+    trained = trained_positions(labels)  # (B, T)
+    targets = trained_targets(labels).to(torch.int64)  # (n,), in hidden's order
+    spans, counts = context_spans(trained).tolist(), trained.sum(dim=1).tolist()
+    examples, first = [], 0
+    for row, (span, count) in enumerate(zip(spans, counts, strict=True)):
+        rows = slice(first, first + count)
+        example = {"hidden": _as_stored(hidden[rows]), "target": targets[rows].numpy()}
+        if weighted is not None:
+            example["weighted"] = _as_stored(weighted[rows])
+        example["taps"] = _as_stored(taps[row, :span])
+        example["trained"] = trained[row, :span].numpy()
+        example["attention_mask"] = attention_mask[row, :span].bool().numpy()
+        examples.append(example)
+        first += count
+    return examples
 
 
 def _features(contents: Mapping[str, Any]) -> Features:
+    """The columns' `datasets` types: one row per trained position, or (a contextual cache) one per example."""
+    context = contents.get("context")
+    if context is not None:
+        columns = {"hidden": FeatureList(Value(contents["stored_dtype"])), "target": FeatureList(Value("int64"))}
+        if contents["weighted"] is not None:
+            columns["weighted"] = FeatureList(Value(contents["weighted"]["stored_dtype"]))
+        columns["taps"] = FeatureList(Value(context["stored_dtype"]))
+        columns["trained"] = FeatureList(Value("bool"))
+        columns["attention_mask"] = FeatureList(Value("bool"))
+        return Features(columns)
     columns = {
         "hidden": FeatureList(Value(contents["stored_dtype"]), length=contents["hidden_size"]),
         "target": Value("int64"),
@@ -577,6 +808,17 @@ def _table(columns: Mapping[str, torch.Tensor], schema: pyarrow.Schema) -> pyarr
     return pyarrow.Table.from_arrays(arrays, schema=schema)
 
 
+def _example_table(examples: Sequence[Mapping[str, np.ndarray]], schema: pyarrow.Schema) -> pyarrow.Table:
+    """One Arrow record batch of a contextual cache: each column a list of values per example."""
+    arrays = []
+    for field in schema:
+        parts = [example[field.name] for example in examples]
+        offsets = pyarrow.array(np.cumsum([0, *map(len, parts)]), type=pyarrow.int32())
+        values = pyarrow.array(np.concatenate(parts), type=field.type.value_type)
+        arrays.append(pyarrow.ListArray.from_arrays(offsets, values))
+    return pyarrow.Table.from_arrays(arrays, schema=schema)
+
+
 def _hidden_dtype(layer: BackAttnLayer) -> torch.dtype:
     """The dtype the output layer takes: its weight's, or (a quantised layer) the input embeddings'."""
     weight = getattr(layer.get_base_layer(), "weight", None)
@@ -586,19 +828,51 @@ def _hidden_dtype(layer: BackAttnLayer) -> torch.dtype:
 
 
 def _estimated_bytes(contents: Mapping[str, Any]) -> int:
-    """The rows' bytes: each row's hidden state, target (8 bytes) and softmax weights."""
+    """The rows' bytes: each trained position's hidden state, target (8 bytes) and softmax weights; a contextual
+    cache's tapped layers at each stored position, its two flags (1 bit each), and 4 bytes a column and example for
+    where each example's values start."""
     per_row = contents["hidden_size"] * np.dtype(contents["stored_dtype"]).itemsize + 8
     weighted = contents["weighted"]
     if weighted is not None:
         per_row += weighted["embedding_dim"] * np.dtype(weighted["stored_dtype"]).itemsize
-    return contents["positions"] * per_row
+    context = contents.get("context")
+    if context is None:
+        return contents["positions"] * per_row
+    per_position = len(context["layers"]) * context["width"] * np.dtype(context["stored_dtype"]).itemsize
+    columns = len(_features(contents))
+    return (
+        contents["positions"] * per_row
+        + context["positions"] * per_position
+        + context["positions"] * 2 // 8
+        + (context["examples"] * columns * 4)
+    )
 
 
 def _describe_row(contents: Mapping[str, Any]) -> str:
-    row = f"{contents['hidden_size']} hidden values ({contents['stored_dtype']})"
+    context = contents.get("context")
+    if context is None:
+        stored = contents["stored_dtype"]
+    else:
+        stored = _dtype_phrase(contents["hidden_dtype"], contents["stored_dtype"])
+    row = f"{contents['hidden_size']} hidden values ({stored})"
     if contents["weighted"] is not None:
         row += f" + {contents['weighted']['embedding_dim']} softmax weights"
-    return row + " + a target each"
+    row += " + a target each"
+    if context is not None:
+        row += (
+            f", and {len(context['layers'])} tapped layers x {context['width']} values "
+            f"({_dtype_phrase(context['dtype'], context['stored_dtype'])}) at {context['positions']:,} positions "
+            "(each example's up to its last trained one, prompt included)"
+        )
+    return row
+
+
+def _dtype_phrase(dtype: str, stored: str) -> str:
+    return f"{dtype}, as its 16-bit patterns" if stored != dtype else dtype
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 def _size(count: float) -> str:

@@ -192,7 +192,8 @@ class ScoredPositionsTrainer(Trainer):
 
     Batches of token sequences (`input_ids`, `attention_mask`, `labels`) run the model with the output layer on
     the trained positions only; batches of cached features (`cached_hidden`, `labels`, [`cached_weighted`], from
-    `features.FeatureCollator`) run the output layer alone, through the same forward (`BackAttnModel.forward`).
+    `features.FeatureCollator`; a contextual head's also `cached_taps`, `cached_attention_mask`, `cached_kept`, from
+    `features.ExampleCollator`) run the output layer alone, through the same forward (`BackAttnModel.forward`).
     Both are scored by `scored_positions_loss`, plus `kl_to_base` times the KL term (`kl_to_base_sum`) in training
     when it is positive: summed over the same positions and divided by the same count. Everything else is the
     Trainer's own: the model's forward (through DDP or DeepSpeed when launched so), counting the targets and scaling

@@ -272,7 +272,7 @@ class TrainingReport:
     processes: int = 1  # data-parallel processes (accelerate launch)
     losses: list[float] = field(default_factory=list)
     feature_seconds: float | None = None  # computing (or checking) the feature cache; None: no cache
-    positions_per_step: int | None = None  # cached runs: positions in one batch
+    positions_per_step: int | None = None  # cached runs: positions in one batch (a contextual head's: on average)
 
 
 class _LossPrinter(TrainerCallback):
@@ -525,7 +525,7 @@ def train_head(
                 )  # fmt: skip
             layer, name = head_layer(model)
             config = layer.backattn_heads[name].config
-            trainer_arguments = options.training_arguments(batch_size=features.positions_per_step(options.batch_size))
+            trainer_arguments = options.training_arguments(batch_size=features.rows_per_step(options.batch_size))
             train_dataset, collator = features.rows, features.collator(config)
             callbacks.append(FeatureCacheStamp(features.digest))
             if main_process:
@@ -571,7 +571,7 @@ def train_head(
         processes=trainer.args.world_size,
         losses=losses,
         feature_seconds=features.seconds if features is not None else None,
-        positions_per_step=trainer.args.per_device_train_batch_size if features is not None else None,
+        positions_per_step=features.positions_per_step(options.batch_size) if features is not None else None,
     )
 
 
@@ -650,11 +650,16 @@ def _check_same_kind_of_run(checkpoint: Path, trained_on: str | None, feature_ca
 
 def _cached_run_line(features: CachedFeatures, config: BackAttnConfig, batch_size: int) -> str:
     """What a cached run trains on, and whether a softmax head computes its weights or reads them."""
-    per_step = features.positions_per_step(batch_size)
-    line = (
-        f"Training the head alone on {features.positions:,} cached positions, {per_step:,} per step "
-        f"({batch_size} examples' worth)"
-    )
+    if features.context is None:
+        line = (
+            f"Training the head alone on {features.positions:,} cached positions, "
+            f"{features.positions_per_step(batch_size):,} per step ({batch_size} examples' worth)"
+        )
+    else:  # a contextual head reads whole examples
+        line = (
+            f"Training the head alone on {features.positions:,} cached positions of {features.examples:,} examples, "
+            f"{batch_size} examples per step, with their tapped layers {features.context['layers']}"
+        )
     if config.logit_weighting == "softmax" and not features.weighted_for(config):
         line += "; the cache holds no softmax weights for this head's rms_norm_eps, so each step computes them"
     return line
