@@ -44,9 +44,10 @@ PROMPTS = [
 LONG_WAIT = 30  # seconds any single request may take here
 
 
-def save_head(model_dir: Path, folder: Path, seed: int) -> Path:
+def save_head(model_dir: Path, folder: Path, seed: int, config: BackAttnConfig | None = None) -> Path:
+    """A head with random weights (`config`, default a plain r=8 head) on the base in `model_dir`, saved."""
     base = AutoModelForCausalLM.from_pretrained(model_dir)
-    model = get_peft_model(base, BackAttnConfig(r=8))
+    model = get_peft_model(base, config or BackAttnConfig(r=8))
     randomize_heads(model, seed=seed)
     model.save_pretrained(folder)
     return folder
@@ -183,16 +184,21 @@ def wait_for(condition, timeout: float = LONG_WAIT) -> None:
 
 class Gate:
     """Holds the scheduler's worker before a forward: `hold_after(1)` then a stream lets its prefill through (the
-    stream's first token) and holds its first step, so that requests sent meanwhile join it, together, on `open()`."""
+    stream's first token) and holds its first step, so that requests sent meanwhile join it, together, on `open()`.
+    `hold_after(n)` while held lets n more forwards through; `wait_held()` returns once the worker is held again."""
 
     def __init__(self, scheduler, monkeypatch) -> None:
         self.condition = threading.Condition()
         self.left: int | None = None  # forwards let through before holding; None: every one
+        self.held = False  # a forward is waiting at the gate
         forward = scheduler._forward
 
         def gated(*args):
             with self.condition:
+                self.held = True
+                self.condition.notify_all()
                 self.condition.wait_for(lambda: self.left is None or self.left > 0, LONG_WAIT)
+                self.held = False
                 if self.left:
                     self.left -= 1
             return forward(*args)
@@ -202,6 +208,12 @@ class Gate:
     def hold_after(self, forwards: int) -> None:
         with self.condition:
             self.left = forwards
+            self.condition.notify_all()
+
+    def wait_held(self) -> None:
+        with self.condition:
+            held = self.condition.wait_for(lambda: self.held and self.left == 0, LONG_WAIT)
+        assert held, "the worker was not held again: did the batch end in an error?"
 
     def open(self) -> None:
         with self.condition:

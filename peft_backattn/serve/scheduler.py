@@ -13,7 +13,8 @@ rows joining in it. Only a failure of a decoding step's shared forward ends the 
 Joining a running batch needs a KV cache whose layers are plain `DynamicLayer`s (full attention: Llama, GPT-2,
 OPT, GPT-NeoX, the embedded SmolLM2, ...). For any other cache (sliding windows, linear attention) the scheduler
 falls back to micro-batches: requests gathered within a short window start together, and new ones wait until that
-batch has finished.
+batch has finished. Contextual heads keep their keys in the cache too, as extra layers after the base's (one per
+head, holding every row), so they follow the rows' joins, drops and trims as the base's own layers do.
 """
 
 from __future__ import annotations
@@ -128,6 +129,7 @@ class SchedulerStats:
     max_batch_seen: int
     cancelled: int  # rows dropped because their client went away
     failed: int  # rows ended by an error in one of their own steps (seeding, sampling, decoding), the batch going on
+    trimmed_columns: int  # cache columns dropped because they were padding in every remaining row
 
 
 class BatchScheduler:
@@ -155,7 +157,7 @@ class BatchScheduler:
         self._mask: torch.Tensor | None = None  # (rows, cached positions), 1 where a real token is
         self._stopping = False
         self._fixed: ExitStack | None = None  # the heads' "weights fixed" block, open between model changes
-        self._steps = self._joined = self._max_batch_seen = self._cancelled = self._failed = 0
+        self._steps = self._joined = self._max_batch_seen = self._cancelled = self._failed = self._trimmed = 0
         self._thread = threading.Thread(target=self._run, name="peft-backattn-scheduler", daemon=True)
         self._thread.start()
 
@@ -194,7 +196,7 @@ class BatchScheduler:
         with self._condition:
             return SchedulerStats(
                 len(self._rows), len(self._waiting), self._steps, self._joined, self._max_batch_seen, self._cancelled,
-                self._failed,
+                self._failed, self._trimmed,
             )  # fmt: skip
 
     def close(self, timeout: float = 10.0) -> None:
@@ -319,19 +321,35 @@ class BatchScheduler:
     def _merge(self, cache: DynamicCache, mask: torch.Tensor) -> None:
         """Append new rows (their cache and mask) below the running ones, left-padding the shorter side.
 
-        Everything is built before anything is assigned, so a failure (out of memory) leaves the running cache whole.
+        The two caches may hold different extra layers after the base's (a contextual head's keys, one layer per head,
+        written only once that head has run on the cache): a layer one side lacks, has never written, or has left at
+        another length than its rows' positions (the slot of a deleted head) is zeros there, for rows that never read
+        it. Everything is built before anything is assigned, so a failure (out of memory) leaves the running cache
+        whole.
         """
-        width = max(self._mask.shape[1], mask.shape[1])
-        merged = [
-            (
-                torch.cat([_left_pad(old.keys, width, dim=-2), _left_pad(new.keys, width, dim=-2)]),
-                torch.cat([_left_pad(old.values, width, dim=-2), _left_pad(new.values, width, dim=-2)]),
+        old_rows, old_width = self._mask.shape
+        new_rows, new_width = mask.shape
+        width = max(old_width, new_width)
+        merged = []
+        for index in range(max(len(self._cache.layers), len(cache.layers))):
+            old, new = _written(self._cache, index, old_width), _written(cache, index, new_width)
+            if old is None and new is None:
+                merged.append(None)  # neither side holds it: an empty layer
+                continue
+            like = old if old is not None else new
+            old = old if old is not None else _zeros(like, old_rows, old_width)
+            new = new if new is not None else _zeros(like, new_rows, new_width)
+            merged.append(
+                [
+                    torch.cat([_left_pad(o, width, dim=-2), _left_pad(n, width, dim=-2)])
+                    for o, n in zip(old, new, strict=True)
+                ]
             )
-            for old, new in zip(self._cache.layers, cache.layers, strict=True)
-        ]
         merged_mask = torch.cat([_left_pad(self._mask, width, dim=-1), _left_pad(mask, width, dim=-1)])
-        for layer, (keys, values) in zip(self._cache.layers, merged, strict=True):
-            layer.keys, layer.values = keys, values
+        layers = self._cache.layers
+        layers.extend(DynamicLayer() for _ in range(len(merged) - len(layers)))
+        for index, states in enumerate(merged):
+            _assign(layers, index, states)
         self._mask = merged_mask
 
     def _step(self) -> None:
@@ -440,9 +458,12 @@ class BatchScheduler:
         if self._can_join():  # drop the columns that are padding in every remaining row
             first = int(self._mask.any(dim=0).nonzero()[0])
             if first:
-                for layer in self._cache.layers:
-                    layer.keys, layer.values = layer.keys[..., first:, :], layer.values[..., first:, :]
+                width = self._mask.shape[1]
+                for index in range(len(self._cache.layers)):
+                    states = _written(self._cache, index, width)
+                    _assign(self._cache.layers, index, None if states is None else [s[..., first:, :] for s in states])
                 self._mask = self._mask[:, first:]
+                self._trimmed += first
 
     def _fail_all(self, error: BaseException, include_waiting: bool = False) -> None:
         for row in self._rows:
@@ -486,6 +507,35 @@ def _sample(logits: torch.Tensor, params: SamplingParams, row: _Row) -> int:
         sorted_probs[before >= params.top_p] = 0.0  # the top token always stays (its `before` is 0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
     return int(torch.multinomial(probs, 1, generator=row.generator))
+
+
+def _written(cache: DynamicCache, index: int, width: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Keys and values of cache layer `index` if it holds all `width` positions of its rows; None if the cache has
+    no such layer, has never written it, or has left it behind at another length (a deleted contextual head's)."""
+    if index >= len(cache.layers):
+        return None
+    layer = cache.layers[index]
+    if not layer.is_initialized or layer.get_seq_length() != width:
+        return None
+    return layer.keys, layer.values
+
+
+def _zeros(like: tuple[torch.Tensor, torch.Tensor], rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Keys and values of `rows` rows and `width` positions, all zero, shaped and typed as `like`'s."""
+    return tuple(t.new_zeros((rows, *t.shape[1:-2], width, t.shape[-1])) for t in like)
+
+
+def _assign(layers: list, index: int, states: Sequence[torch.Tensor] | None) -> None:
+    """Set cache layer `index` to (keys, values), or to an empty layer for None (freeing what a left-behind layer
+    held)."""
+    if states is None:
+        if layers[index].is_initialized:
+            layers[index] = DynamicLayer()
+        return
+    keys, values = states
+    if not layers[index].is_initialized:
+        layers[index].lazy_initialization(keys, values)
+    layers[index].keys, layers[index].values = keys, values
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
