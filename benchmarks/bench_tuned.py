@@ -95,6 +95,8 @@ def sweep(args, tokenizer, train_examples, validation) -> None:
                 continue
             if args.lrs and lr not in args.lrs:
                 continue
+            if args.same_rate_as and lr != best_point(args.same_rate_as, args.sweep_output)[0]:
+                continue
             print(f"== sweep {method}, lr {lr:g}, init_std {init_std}", file=sys.stderr, flush=True)
             model, report = train(method, lr, init_std, 0, train_examples, tokenizer, SWEEP_STEPS[method], None)
             nll, tokens, _ = target_nll(model, tokenizer, validation, max_length=512, batch_size=8, progress=False)
@@ -113,6 +115,9 @@ def best_point(method: str, sweep_output: str = "sweep") -> tuple[float, float |
     for name in dict.fromkeys(["sweep", sweep_output]):
         if (RESULTS / f"{name}.json").exists():
             runs += [r for r in json.loads((RESULTS / f"{name}.json").read_text())["runs"] if r["method"] == method]
+    if not runs and method in KL_TO_BASE:  # the same head with a KL term: at the rate the head itself was tuned to
+        print(f"{method}: no sweep of its own, at the rate tuned for {CONTEXT!r}", file=sys.stderr)
+        return best_point(CONTEXT, sweep_output)
     if not runs:
         sys.exit(f"no sweep runs for {method!r} in benchmarks/results/{sweep_output}.json: run `bench_tuned.py sweep`")
     best = min(runs, key=lambda r: r["validation_perplexity"])
@@ -168,6 +173,8 @@ def compare(args, tokenizer, train_examples, data) -> None:
     path = RESULTS / f"{args.output}.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     chosen = {HEAD: (args.head_lr, args.head_init_std), LORA: (args.lora_lr, None)}
+    given = dict(rate.rsplit("=", 1) for rate in args.rate or [])  # "METHOD=LR"
+    chosen |= {method: (float(lr), None if method.startswith("lora") else 0.1) for method, lr in given.items()}
     chosen = {method: chosen.get(method, (None, None)) for method in args.methods}
     for method, (lr, _) in chosen.items():
         if lr is None:
@@ -238,6 +245,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=[HEAD, LORA], choices=list(ATTACH))
     parser.add_argument("--sweep-output", default="sweep", help="sweep results file name in benchmarks/results")
     parser.add_argument("--lrs", type=float, nargs="+", help="sweep: only these grid learning rates")
+    parser.add_argument("--same-rate-as", choices=list(ATTACH), help="sweep: only the rate that method's sweep chose")
+    parser.add_argument("--rate", nargs="+", metavar="METHOD=LR", help="compare: a method's rate, given (no sweep)")
     parser.add_argument("--validation", type=int, default=150, help="held-out training problems scored in sweep")
     parser.add_argument("--minutes", type=float, nargs="+", default=[4.0], help="wall-clock budgets (compare)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds: init and data order")

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Issue 20's measurements of the contextual head, one after another on a quiet machine (each step resumes: a finished
+# point is skipped). Run from benchmarks/. The base's row of context_tuned.json is reused from tuned.json.
+set -euo pipefail
+log() { echo "== $(date -u +%H:%M:%S) load $(cut -d' ' -f1-3 /proc/loadavg): $*" >&2; }
+log "compare: the contextual head, 4 and 15 minutes, seed 0 (answers at 15)"
+python bench_tuned.py compare --methods "contextual head" --minutes 4 15 --gen-at 15 --seeds 0 \
+  --sweep-output context_sweep --output context_tuned
+log "speed: scored training and generation"
+python bench_speed.py --base smollm2 --only contextual --batch 8 --rounds 4
+log "compare: LoRA r=8 on the top 3 layers at LoRA's tuned rate, and the contextual head with kl_to_base 1, 4 minutes"
+python bench_tuned.py compare --methods "lora r=8 q,k,v,o, top 3 layers" --rate "lora r=8 q,k,v,o, top 3 layers=1e-3" \
+  --minutes 4 --gen-at 99 --seeds 0 --output context_tuned --sweep-output context_sweep
+python bench_tuned.py compare --methods "contextual, kl_to_base 1" --minutes 4 --gen-at 99 --seeds 0 \
+  --sweep-output context_sweep --output context_tuned
+log "ablations on the validation split at the contextual head's best rate"
+python bench_tuned.py sweep --methods "contextual, taps only" "contextual, last layer only" \
+  --same-rate-as "contextual head" --sweep-output context_sweep
+log "the seed's head again at 4 minutes, to show the machine gives the earlier numbers"
+python bench_tuned.py compare --methods "head (default config)" --rate "head (default config)=1e-3" --minutes 4 \
+  --gen-at 99 --seeds 0 --output context_tuned
+log done
