@@ -568,6 +568,9 @@ def tables() -> dict[str, str]:
     if context_speed:
         blocks["context-speed-scored"] = scored_speed_table(context_speed)
         blocks["context-speed-generation"] = speed_generation_table(context_speed)
+    transfer = [load(path.stem) for path in sorted(RESULTS.glob("transfer-*.json"))]
+    if transfer:
+        blocks["context-transfer"] = transfer_table(transfer)
     if tuned and context_tuned:
         blocks["context-goals"] = context_goals_table(tuned, context_tuned, context_speed)
     speed = load("speed-smollm2")
@@ -618,6 +621,30 @@ def context_goals_table(tuned: dict, context: dict, speed: dict | None) -> str:
                 _met(unmerged["x_bare_tokens_per_s"] >= 0.8),
             ])  # fmt: skip
     return markdown_table(["goal", "measured", "met?"], rows)
+
+
+def _token_cell(token: str) -> str:
+    """A token as a table cell: its repr (whitespace shows), backticks and pipes made harmless."""
+    return "`" + repr(token).replace("`", "'").replace("|", "\\|") + "`"
+
+
+def transfer_table(results: list[dict]) -> str:
+    """`diagnose_transfer.py`: where a trained head's NLL change goes on MATH-500 and GSM8K, by token class."""
+    rows = []
+    for result in results:
+        for data in ("math500", "gsm8k"):
+            summary = result[data]
+            for group, values in summary["classes"].items():
+                rows.append([result["method"], data, group, values["tokens"], f"{values['nll_change_per_token']:+.4f}",
+                             f"{values['mean_kl']:.4f}"])  # fmt: skip
+            worst = ", ".join(_token_cell(w["token"]) for w in summary["worst_tokens"][:5])
+            rows.append([result["method"], data, f"all (worst tokens: {worst})", summary["tokens"],
+                         f"{summary['head_nll_per_token'] - summary['base_nll_per_token']:+.4f}",
+                         f"{summary['mean_kl']:.4f}"])  # fmt: skip
+    header = ["head (4 minutes)", "data", "target tokens", "count", "NLL change per target token (of all)",
+              "mean KL(base || head)"]  # fmt: skip
+    commands = "; ".join(f"`{r['command']}`" for r in results)
+    return f"{commands}\n\n" + markdown_table(header, rows)
 
 
 def fill(text: str, blocks: dict[str, str]) -> tuple[str, set[str]]:
