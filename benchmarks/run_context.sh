@@ -19,4 +19,9 @@ python bench_tuned.py sweep --methods "contextual, taps only" "contextual, last 
 log "the seed's head again at 4 minutes, to show the machine gives the earlier numbers"
 python bench_tuned.py compare --methods "head (default config)" --rate "head (default config)=1e-3" --minutes 4 \
   --gen-at 99 --seeds 0 --output context_tuned
+log "where the MATH-500 change goes, with and without the KL term (the 4-minute snapshots of the runs above)"
+python diagnose_transfer.py --snapshot /tmp/bench_tuned_snapshots/contextual-head-seed0-4min.safetensors \
+  --method "contextual head" --name contextual-4min
+python diagnose_transfer.py --snapshot /tmp/bench_tuned_snapshots/contextual-kl-to-base-1-seed0-4min.safetensors \
+  --method "contextual, kl_to_base 1" --name contextual-kl1-4min
 log done
