@@ -7,7 +7,7 @@ Loads the embedded base with the method's head, the trained weights from a `benc
 scores the first --math500 MATH-500 solutions (and as many GSM8K test ones) with the head and without it
 (`disable_adapter`). Each target token's NLL change is put in a class (digits, LaTeX and symbols, whitespace,
 words) and the script reports where the change goes: the summed NLL change per class, the tokens whose summed
-change is largest, and the mean KL(base || head) per class. Writes benchmarks/results/transfer-<name>.json.
+change is largest, and the mean KL(base ‖ head) per class. Writes benchmarks/results/transfer-<name>.json.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def main() -> None:
     for name, examples in data.items():
         result[name] = summary = summarise(per_token(model, tokenizer, examples, max_length=512), tokenizer)
         print(f"\n{name}: {summary['tokens']} tokens, NLL/token base {summary['base_nll_per_token']:.4f} -> head "
-              f"{summary['head_nll_per_token']:.4f}, mean KL(base || head) {summary['mean_kl']:.4f}")  # fmt: skip
+              f"{summary['head_nll_per_token']:.4f}, mean KL(base ‖ head) {summary['mean_kl']:.4f}")  # fmt: skip
         for group, values in summary["classes"].items():
             print(f"  {group:18s} {values['tokens']:6d} tokens  NLL change/token (of all) "
                   f"{values['nll_change_per_token']:+.4f}  share {values['share_of_change']:+.2f}  "

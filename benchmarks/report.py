@@ -642,7 +642,7 @@ def transfer_table(results: list[dict]) -> str:
                          f"{summary['head_nll_per_token'] - summary['base_nll_per_token']:+.4f}",
                          f"{summary['mean_kl']:.4f}"])  # fmt: skip
     header = ["head (4 minutes)", "data", "target tokens", "count", "NLL change per target token (of all)",
-              "mean KL(base || head)"]  # fmt: skip
+              "mean KL(base ‖ head)"]  # fmt: skip
     commands = "; ".join(f"`{r['command']}`" for r in results)
     return f"{commands}\n\n" + markdown_table(header, rows)
 
