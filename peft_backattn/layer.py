@@ -378,8 +378,7 @@ class BackAttnLayer(CheckedCaches, nn.Module, BaseTunerLayer):
                 f"Contextual heads keep their keys in a DynamicCache, got {type(cache).__name__}; generate with the "
                 "default cache (no cache_implementation)."
             )
-        batch = next(iter(record.outputs.values())).shape[0]
-        length = next(iter(record.outputs.values())).shape[1]
+        batch, length = next(iter(record.outputs.values())).shape[:2]  # any tapped layer's (B, T, d)
         cached = cache.get_seq_length() - length
         for name, slot in self._context_slots.items():
             update = self._context_updates.get(name)

@@ -20,12 +20,12 @@ from conftest import randomize_heads
 from datasets import Dataset, Features, Value
 from datasets import Sequence as FeatureList
 from peft import PeftModel, get_peft_model
+from test_context import taps_and_final_hidden
 from test_scored_positions import tiny_chat_llama
 from tokenizers import normalizers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, TrainerCallback
 
 from peft_backattn import BackAttnConfig
-from peft_backattn.taps import find_decoder_layers
 from peft_backattn.workbench import features as features_module
 from peft_backattn.workbench.data import PaddingCollator, tokenize_examples
 from peft_backattn.workbench.features import (
@@ -600,24 +600,10 @@ def context_model(seed: int = 0, **changes):
 
 
 def recorded_forward(model, batch):
-    """The tapped layers' outputs (B, T, L, d_t) and the output layer's input (B, T, d_in) of one forward, seen by
-    the test's own hooks."""
+    """The tapped layers' outputs (B, T, L, d_t) and the output layer's input (B, T, d_in) of one forward."""
     layer, name = head_layer(model)
-    stack, tapped = find_decoder_layers(model.get_base_model()), layer.backattn_heads[name].config.context_layers
-    seen: dict[int, torch.Tensor] = {}
-    handles = [
-        stack[i].register_forward_hook(
-            lambda m, a, out, i=i: seen.__setitem__(i, out[0] if isinstance(out, tuple) else out)
-        )
-        for i in tapped
-    ]
-    final = []
-    handles.append(layer.register_forward_pre_hook(lambda module, args: final.append(args[0].detach())))
-    with torch.no_grad():
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-    for handle in handles:
-        handle.remove()
-    return torch.stack([seen[i] for i in tapped], dim=2), final[0]
+    tapped = layer.backattn_heads[name].config.context_layers
+    return taps_and_final_hidden(model, batch["input_ids"], batch["attention_mask"], tapped)
 
 
 def test_a_contextual_cache_holds_each_examples_taps_up_to_its_last_trained_position(tmp_path, capsys):

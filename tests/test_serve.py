@@ -92,14 +92,18 @@ def tokenizer(model_dir):
     return AutoTokenizer.from_pretrained(model_dir)
 
 
+def serving(model_dir: Path, tokenizer, heads: dict[str, Path], **options):
+    """A server on a background thread over the base in `model_dir` with `heads` loaded: every server fixture's body
+    (`options` go to `build_state`)."""
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    with BackgroundServer(build_state(base, tokenizer, BASE, heads, **options)) as running:
+        yield running
+
+
 @pytest.fixture(scope="module")
 def server(model_dir, heads, tokenizer):
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    state = build_state(
-        base, tokenizer, BASE, {"alpha": heads["alpha"], "beta": heads["beta"]}, max_batch=8, batch_window_ms=20
-    )
-    with BackgroundServer(state) as running:
-        yield running
+    yield from serving(model_dir, tokenizer, {"alpha": heads["alpha"], "beta": heads["beta"]}, max_batch=8,
+                       batch_window_ms=20)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

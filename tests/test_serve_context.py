@@ -23,6 +23,7 @@ from test_serve import (
     rest_of,
     save_head,
     save_lively_lm,
+    serving,
     start_stream,
     wait_for,
     wait_idle,
@@ -64,10 +65,7 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir, heads, tokenizer):
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    served = {name: heads[name] for name in SERVED}
-    with BackgroundServer(build_state(base, tokenizer, BASE, served, max_batch=16, batch_window_ms=5)) as running:
-        yield running
+    yield from serving(model_dir, tokenizer, {name: heads[name] for name in SERVED}, max_batch=16, batch_window_ms=5)
 
 
 @pytest.fixture(scope="module")

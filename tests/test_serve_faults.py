@@ -32,11 +32,10 @@ from test_serve import (
     post,
     save_head,
     save_lively_lm,
+    serving,
     wait_idle,
 )
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-from peft_backattn.serve.server import BackgroundServer, build_state
+from transformers import AutoTokenizer
 
 MIX_SEED = 18
 REQUESTS = 300
@@ -106,10 +105,8 @@ def tokenizer(model_dir):
 
 @pytest.fixture(scope="module")
 def server(model_dir, heads, tokenizer):
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
     served = {name: heads[name] for name in SERVED[1:]}
-    with BackgroundServer(build_state(base, tokenizer, BASE, served, max_batch=8, batch_window_ms=5)) as running:
-        yield running
+    yield from serving(model_dir, tokenizer, served, max_batch=8, batch_window_ms=5)
 
 
 def stream(server, body: dict) -> tuple[int, list[dict | str]]:
