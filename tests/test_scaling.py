@@ -1,6 +1,7 @@
 """Scaling out: the accelerate config files in examples/accelerate load, DeepSpeed ZeRO-2 trains a head with two
-CPU processes and saves only the head, and cached features train on two processes (DDP) as on one (ordinary DDP
-training with two CPU processes is tested in test_cli.py)."""
+CPU processes and saves only the head, and cached features train on two processes (DDP) as on one, for the seed's
+head (batches of positions) and a contextual head (batches of whole examples); ordinary DDP training with two CPU
+processes is tested in test_cli.py."""
 
 from __future__ import annotations
 
@@ -112,3 +113,38 @@ def cached_batches(output: str) -> tuple[int, int]:
     found = re.search(r"alone on ([\d,]+) cached positions, ([\d,]+) per step", output)
     assert found, output
     return int(found[1].replace(",", "")), int(found[2].replace(",", ""))
+
+
+def test_a_contextual_head_trains_on_cached_features_on_two_processes_as_on_one(tiny_lm_dir, tmp_path, capsys):
+    """A contextual cache holds whole examples (their tapped layers), so a process's share of a step is examples, of
+    unequal lengths: 2 examples per process take the step that 4 take in one process, the trained-token count being
+    summed over both processes (the Trainer's `num_items_in_batch`), so the losses and heads end equal (the heads up to
+    rounding). About 30 s on 2 cores."""
+    launcher = shutil.which("accelerate")
+    if launcher is None:
+        pytest.skip("accelerate's launcher is not on PATH")
+    cached = [
+        "train", "--model", str(tiny_lm_dir), "--data", "synthetic", "--limit", "8", "--max-length", "128",
+        "--no-progress", "--steps", "3", "--logging-steps", "1", "--feature-cache", str(tmp_path / "features"),
+        "--context", "--context-dim", "16", "--context-heads", "2",
+    ]  # fmt: skip
+    command = [
+        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "-m", "peft_backattn.cli", *cached, "--batch-size", "2", "--output",
+        str(tmp_path / "two"),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    two = result.stdout
+    assert two.count("Trained 3 steps on 2 processes") == 1 and "2 examples per step, with their tapped layers" in two
+    assert main([*cached, "--batch-size", "4", "--output", str(tmp_path / "one")]) == 0
+    one = capsys.readouterr().out
+    assert "Feature cache: reusing" in one and "4 examples per step, with their tapped layers" in one
+    on_two, on_one = load_file(tmp_path / "two" / HEAD_FILE), load_file(tmp_path / "one" / HEAD_FILE)
+    assert set(on_two) == set(on_one) and {key for key in on_one if ".context." in key}
+    assert re.findall(r"step \d+: loss [\d.]+", two) == re.findall(r"step \d+: loss [\d.]+", one)
+    # Each process pads its 2 examples to their own longest, so the context path's sums run in another order than in
+    # one batch of 4; Adam's normalised step makes that rounding visible in near-zero gradients (about 3e-6 here).
+    for key in on_one:
+        torch.testing.assert_close(on_two[key], on_one[key], rtol=1e-4, atol=1e-5, msg=key)
