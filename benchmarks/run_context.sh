@@ -35,11 +35,11 @@ python bench_tuned.py sweep --methods "contextual, context_dim 64" "contextual, 
 log "cached features of the contextual head: feature pass, epochs, and 5 cached epochs' quality"
 [ -f results/cached-smollm2-contextual.json ] || python bench_cached.py --head "backattn contextual" --problems 400 \
   --quality --quality-epochs 5 --ppl 200 --output cached-smollm2-contextual
-log "LoRA on the top 3 layers: seeds 1 and 2 at 4 minutes, then 15 minutes with answers"
-python bench_tuned.py compare --methods "lora r=8 q,k,v,o, top 3 layers" --rate "lora r=8 q,k,v,o, top 3 layers=1e-3" \
-  --minutes 4 --gen-at 99 --seeds 1 2 --output context_tuned
+log "LoRA on the top 3 layers: 15 minutes with answers, then seeds 1 and 2 at 4 minutes"
 python bench_tuned.py compare --methods "lora r=8 q,k,v,o, top 3 layers" --rate "lora r=8 q,k,v,o, top 3 layers=1e-3" \
   --minutes 15 --gen-at 15 --seeds 0 --output context_tuned
+python bench_tuned.py compare --methods "lora r=8 q,k,v,o, top 3 layers" --rate "lora r=8 q,k,v,o, top 3 layers=1e-3" \
+  --minutes 4 --gen-at 99 --seeds 1 2 --output context_tuned
 log "LoRA on the top 3 layers: its own rate sweep on the validation split (the runs above use LoRA's tuned 1e-3)"
 python bench_tuned.py sweep --methods "lora r=8 q,k,v,o, top 3 layers" --sweep-output context_sweep
 log done
