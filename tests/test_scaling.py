@@ -78,12 +78,28 @@ def test_cached_features_train_on_two_processes_as_on_one(tiny_lm_dir, tmp_path,
     cache, both train on it, and 2 examples' worth of positions per process take the steps that 4 take in one
     process (each process gets its half of the one-process batch): the same logged losses and head, over 3 steps
     that cross an epoch. About 20 s on 2 cores."""
+    two, one = cached_run_on_two_processes_and_one(tiny_lm_dir, tmp_path, capsys)
+    assert two.count("Trained 3 steps on 2 processes") == 1 and two.count("positions written") == 1  # one pass
+
+    (positions, per_process), (_, per_step) = cached_batches(two), cached_batches(one)
+    assert per_step == 2 * per_process and positions < 3 * per_step  # the same global batch; an epoch is crossed
+    assert re.findall(r"step \d+: loss [\d.]+", two) == re.findall(r"step \d+: loss [\d.]+", one)
+    on_two, on_one = load_file(tmp_path / "two" / HEAD_FILE), load_file(tmp_path / "one" / HEAD_FILE)
+    assert set(on_two) == set(on_one) == HEAD_KEYS
+    for key in on_one:
+        torch.testing.assert_close(on_two[key], on_one[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def cached_run_on_two_processes_and_one(model_dir, tmp_path, capsys, extra: tuple[str, ...] = ()) -> tuple[str, str]:
+    """`train --feature-cache` for 3 steps on 8 synthetic examples: under `accelerate launch` with two CPU processes
+    (DDP, gloo) at `--batch-size 2` into tmp_path/two, then in this process at `--batch-size 4` into tmp_path/one,
+    reusing the cache the first run left complete; the two printouts."""
     launcher = shutil.which("accelerate")
     if launcher is None:
         pytest.skip("accelerate's launcher is not on PATH")
     cached = [
-        "train", "--model", str(tiny_lm_dir), "--data", "synthetic", "--limit", "8", "--max-length", "128",
-        "--no-progress", "--steps", "3", "--logging-steps", "1", "--feature-cache", str(tmp_path / "features"),
+        "train", "--model", str(model_dir), "--data", "synthetic", "--limit", "8", "--max-length", "128",
+        "--no-progress", "--steps", "3", "--logging-steps", "1", "--feature-cache", str(tmp_path / "features"), *extra,
     ]  # fmt: skip
     command = [
         launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
@@ -93,19 +109,10 @@ def test_cached_features_train_on_two_processes_as_on_one(tiny_lm_dir, tmp_path,
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    two = result.stdout
-    assert two.count("Trained 3 steps on 2 processes") == 1 and two.count("positions written") == 1  # one pass
     assert main([*cached, "--batch-size", "4", "--output", str(tmp_path / "one")]) == 0
     one = capsys.readouterr().out
     assert "Feature cache: reusing" in one  # the two-process run left a complete cache
-
-    (positions, per_process), (_, per_step) = cached_batches(two), cached_batches(one)
-    assert per_step == 2 * per_process and positions < 3 * per_step  # the same global batch; an epoch is crossed
-    assert re.findall(r"step \d+: loss [\d.]+", two) == re.findall(r"step \d+: loss [\d.]+", one)
-    on_two, on_one = load_file(tmp_path / "two" / HEAD_FILE), load_file(tmp_path / "one" / HEAD_FILE)
-    assert set(on_two) == set(on_one) == HEAD_KEYS
-    for key in on_one:
-        torch.testing.assert_close(on_two[key], on_one[key], rtol=1e-5, atol=1e-6, msg=key)
+    return result.stdout, one
 
 
 def cached_batches(output: str) -> tuple[int, int]:
@@ -120,27 +127,10 @@ def test_a_contextual_head_trains_on_cached_features_on_two_processes_as_on_one(
     unequal lengths: 2 examples per process take the step that 4 take in one process, the trained-token count being
     summed over both processes (the Trainer's `num_items_in_batch`), so the losses and heads end equal (the heads up to
     rounding). About 30 s on 2 cores."""
-    launcher = shutil.which("accelerate")
-    if launcher is None:
-        pytest.skip("accelerate's launcher is not on PATH")
-    cached = [
-        "train", "--model", str(tiny_lm_dir), "--data", "synthetic", "--limit", "8", "--max-length", "128",
-        "--no-progress", "--steps", "3", "--logging-steps", "1", "--feature-cache", str(tmp_path / "features"),
-        "--context", "--context-dim", "16", "--context-heads", "2",
-    ]  # fmt: skip
-    command = [
-        launcher, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-        "--dynamo_backend", "no", "-m", "peft_backattn.cli", *cached, "--batch-size", "2", "--output",
-        str(tmp_path / "two"),
-    ]  # fmt: skip
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    two = result.stdout
+    context = ["--context", "--context-dim", "16", "--context-heads", "2"]
+    two, one = cached_run_on_two_processes_and_one(tiny_lm_dir, tmp_path, capsys, context)
     assert two.count("Trained 3 steps on 2 processes") == 1 and "2 examples per step, with their tapped layers" in two
-    assert main([*cached, "--batch-size", "4", "--output", str(tmp_path / "one")]) == 0
-    one = capsys.readouterr().out
-    assert "Feature cache: reusing" in one and "4 examples per step, with their tapped layers" in one
+    assert "4 examples per step, with their tapped layers" in one
     on_two, on_one = load_file(tmp_path / "two" / HEAD_FILE), load_file(tmp_path / "one" / HEAD_FILE)
     assert set(on_two) == set(on_one) and {key for key in on_one if ".context." in key}
     assert re.findall(r"step \d+: loss [\d.]+", two) == re.findall(r"step \d+: loss [\d.]+", one)
